@@ -1,0 +1,127 @@
+"""The ``gigassl-fast`` command line: one command per stage; options are parsed here and the stage
+modules do the work."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import GigasslError
+from .tissue import MASK_METHODS, MaskParams
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+def _tile_options(f):
+    """Options shared by every command that may tile slides."""
+    options = [
+        click.option("--mpp", type=_POSITIVE, default=1.0, show_default=True,
+                     help="Target resolution in microns per pixel (1.0 is about 10x, as in the paper)."),
+        click.option("--tile-size", type=click.IntRange(min=8), default=224, show_default=True,
+                     help="Tile side in pixels at --mpp."),
+        click.option("--min-tissue", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+                     help="Keep a tile when more than this fraction of it is tissue."),
+        click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Pixels (at --mpp) shared by neighbouring tiles."),
+        click.option("--mask-method", type=click.Choice(MASK_METHODS), default="otsu-gray", show_default=True,
+                     help="otsu-gray: the Giga-SSL reference mask; otsu-saturation: CLAM-style HSV mask."),
+        click.option("--mask-mpp", type=_POSITIVE, default=MaskParams.mask_mpp, show_default=True,
+                     help="Coarsest resolution of the thumbnail the mask is computed on (µm/px); small slides use a "
+                          "finer one, with at least 1024 px on the long side."),
+        click.option("--slide-mpp", type=_POSITIVE, default=None,
+                     help="Level-0 µm/px for slides whose file has none (a manifest's mpp column wins)."),
+        click.option("--reader", type=click.Choice(["auto", "cucim", "openslide", "tiffslide"]), default="auto",
+                     show_default=True, help="Slide reader; auto picks by file type."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp):
+    from .tiling import TileParams
+
+    return TileParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, overlap=overlap,
+                      mask=MaskParams(method=mask_method, mask_mpp=mask_mpp)).validate()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="gigassl-fast")
+def cli() -> None:
+    """Giga-SSL slide embeddings for whole-slide image cohorts.
+
+    Each command is one stage and reads only what the stage before it wrote.
+    """
+
+
+@cli.command()
+@click.argument("slides", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: tiles/<slide_id>.h5, qc/<slide_id>.png, tile_summary.json.")
+@_tile_options
+@click.option("--shard", default=None, metavar="I/N", help="Process only shard I of N (0-based), e.g. for SLURM arrays.")
+@click.option("--overwrite", is_flag=True, help="Redo slides whose tile file is already up to date.")
+@click.option("--no-qc", is_flag=True, help="Do not write QC pictures.")
+def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp, slide_mpp, reader, shard,
+         overwrite, no_qc) -> None:
+    """Tissue mask and tile grid for each slide.
+
+    SLIDES are slide files, folders, globs or a CSV manifest (slide_id,path[,mpp]). Slides whose
+    tile file is complete with the same parameters are skipped. Exit code 1 if any slide failed.
+    """
+    from .cohort import collect_slides, parse_shard, take_shard
+    from .tiling import run_tile
+
+    params = _tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp)
+    shard_spec = parse_shard(shard)
+    entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)
+    name = "tile_summary.json" if shard is None else f"tile_summary.shard{shard_spec[0]}of{shard_spec[1]}.json"
+    summary = run_tile(entries, params, out_dir, reader=reader, overwrite=overwrite, qc=not no_qc, summary_name=name)
+    click.echo(summary.table())
+    click.echo(f"tile files in {os.path.join(out_dir, 'tiles')}, summary in {os.path.join(out_dir, name)}")
+    sys.exit(summary.exit_code)
+
+
+@cli.command()
+def info() -> None:
+    """Versions, devices, and the compute path each stage takes here."""
+    from .compute import report
+
+    click.echo(report())
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for every artefact of the demo.")
+@click.option("--sample-slides", type=click.Path(file_okay=False), default=None,
+              help="Folder of real sample slides to tile too [default: ../shared/data/slides when present].")
+def demo(out_dir, sample_slides) -> None:
+    """The pipeline on sample data: synthetic slides (and the real sample slides when present)."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(out_dir, sample_slides))
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2, never a traceback."""
+    try:
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int):
+            sys.exit(code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except GigasslError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

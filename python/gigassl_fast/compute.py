@@ -1,0 +1,104 @@
+"""The compute path each stage takes on this machine, decided once and explained (``gigassl-fast info``)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import io
+import os
+import platform
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Path:
+    stage: str
+    path: str
+    why: str
+
+
+def _version(module: str) -> str | None:
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            mod = importlib.import_module(module)
+        return str(getattr(mod, "__version__", "installed"))
+    except Exception:  # any import failure means "not usable here"
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_device() -> str | None:
+    """Name of the first CUDA device torch can use, else None. Tests for a device, not an import."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # a broken CUDA install is reported as "no GPU"
+        return None
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cucim_gpu_decode() -> tuple[bool, str]:
+    """Whether cuCIM can decode on the GPU here, and why not when it cannot."""
+    if _version("cucim") is None:
+        return False, "cuCIM is not installed"
+    if cuda_device() is None:
+        return False, "no CUDA device"
+    if _version("cupy") is None:
+        return False, "CuPy is not installed (needed to hand GPU tiles to torch)"
+    try:
+        import cupy
+
+        cupy.zeros(1).sum()
+    except Exception as err:  # CuPy imports without a GPU and fails on first use
+        return False, f"CuPy cannot use the GPU ({type(err).__name__})"
+    return True, "cuCIM + CuPy on " + str(cuda_device())
+
+
+def versions() -> dict[str, str | None]:
+    from . import __version__
+
+    mods = ["numpy", "torch", "triton", "h5py", "click", "cucim", "cupy", "openslide", "tiffslide", "tifffile",
+            "sklearn", "PIL"]
+    out: dict[str, str | None] = {"gigassl-fast": __version__, "python": platform.python_version()}
+    for m in mods:
+        out[m] = _version(m)
+    try:
+        import openslide
+
+        out["openslide (library)"] = openslide.__library_version__
+    except Exception:  # reported as missing below
+        out["openslide (library)"] = None
+    return out
+
+
+def compute_paths() -> list[Path]:
+    from . import _core
+
+    threads = os.cpu_count() or 1
+    core = f"C++ core (_core{', OpenMP' if _core.openmp else ', no OpenMP'}, {threads} threads)"
+    paths = [Path("tile: mask + grid", core, "always")]
+    gpu, why = cucim_gpu_decode()
+    if gpu:
+        paths.append(Path("slide decoding", "cuCIM on the GPU (SVS, tiled TIFF); OpenSlide on the CPU for other formats", why))
+    else:
+        cpu_reader = "cuCIM CPU reader" if _version("cucim") else "tiffslide"
+        paths.append(Path("slide decoding", f"{cpu_reader} for SVS/TIFF, OpenSlide for NDPI/MRXS/SCN/...",
+                          f"GPU decoding unavailable: {why}"))
+    return paths
+
+
+def report() -> str:
+    lines = ["versions:"]
+    for name, v in versions().items():
+        lines.append(f"  {name:<22} {v or 'not installed'}")
+    lines.append("devices:")
+    lines.append(f"  {'cpu':<22} {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    lines.append(f"  {'cuda':<22} {cuda_device() or 'none'}")
+    lines.append("compute paths:")
+    for p in compute_paths():
+        lines.append(f"  {p.stage:<22} {p.path}  [{p.why}]")
+    return "\n".join(lines)

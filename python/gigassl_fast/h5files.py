@@ -1,0 +1,89 @@
+"""Atomic HDF5 outputs and the attribute checks that decide whether an output can be reused."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+
+import h5py
+import numpy as np
+
+from .errors import GigasslError
+
+#: Attribute set last, after every dataset was written; a file without it is not complete.
+COMPLETE = "complete"
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Writes an HDF5 file at ``<path>.tmp`` and renames it to `path` only when the block succeeds.
+
+    A crash or an exception leaves no file at `path` (an existing one stays untouched) and no
+    temporary file behind.
+    """
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with h5py.File(tmp, "w") as fh:
+            yield fh
+            fh.attrs[COMPLETE] = True
+            fh.flush()
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        raise GigasslError(f"{path}: could not write ({err.strerror or err}); check free space and permissions") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def write_attrs(group: h5py.Group | h5py.File, attrs: Mapping[str, object]) -> None:
+    """Stores scalars as HDF5 attributes and dicts/lists as JSON strings."""
+    for key, value in attrs.items():
+        if value is None:
+            continue
+        if isinstance(value, (dict, list, tuple)):
+            value = json.dumps(value, sort_keys=True)
+        group.attrs[key] = value
+
+
+def read_attrs(group: h5py.Group | h5py.File) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in group.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def is_complete(path: str | os.PathLike, expected: Mapping[str, object]) -> bool:
+    """Whether `path` is a complete output whose attributes match `expected` (a reusable result)."""
+    try:
+        with h5py.File(path, "r") as fh:
+            attrs = read_attrs(fh)
+    except (OSError, KeyError):
+        return False
+    if not attrs.get(COMPLETE):
+        return False
+    return all(_same(attrs.get(k), v) for k, v in expected.items() if v is not None)
+
+
+def _same(stored: object, wanted: object) -> bool:
+    if isinstance(wanted, (dict, list, tuple)):
+        wanted = json.dumps(wanted, sort_keys=True)
+    if isinstance(wanted, float) or isinstance(stored, float):
+        try:
+            return abs(float(stored) - float(wanted)) <= 1e-9 * max(1.0, abs(float(wanted)))
+        except (TypeError, ValueError):
+            return False
+    return stored == wanted

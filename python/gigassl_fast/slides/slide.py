@@ -1,0 +1,161 @@
+"""The slide handle: geometry, resolution by microns per pixel, thumbnails and tile reads."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ..errors import SlideError
+from .backends import SlideBackend, open_backend
+
+#: A level counts as "finer" than a target resolution up to this relative slack, so a 0.2502 mpp
+#: level still serves a 0.25 mpp request.
+MPP_SLACK = 0.02
+
+#: Pixels per side of the chunks a thumbnail is read in, so that memory stays bounded on slides
+#: whose coarsest level is large.
+_THUMB_CHUNK = 4096
+
+
+class Slide:
+    """A whole-slide image, opened lazily; use as a context manager.
+
+    Args:
+        path: slide file.
+        reader: ``"auto"`` (by file type: cuCIM for SVS/tiled TIFF, tiffslide for strip TIFF,
+            OpenSlide for the rest) or a backend name (``cucim``, ``openslide``, ``tiffslide``).
+        mpp: level-0 microns per pixel, overriding the file's metadata (``--slide-mpp``).
+        device: ``"cpu"`` or ``"cuda"`` (cuCIM GPU decoding).
+    """
+
+    def __init__(self, path: str | os.PathLike, reader: str = "auto", mpp: float | None = None,
+                 device: str = "cpu") -> None:
+        self.path = os.fspath(path)
+        self.reader = reader
+        self.mpp_override = mpp
+        self.device = device
+        self._backend: SlideBackend | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def backend(self) -> SlideBackend:
+        if self._backend is None:
+            self._backend = open_backend(self.path, self.reader, self.device)
+            w, h = self._backend.level_dimensions[0]
+            if w < 1 or h < 1:
+                raise SlideError(self.path, f"level 0 is empty ({w}x{h})")
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- geometry ------------------------------------------------------------------------------
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height)."""
+        return self.backend.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.backend.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return self.backend.level_dimensions
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return self.backend.level_downsamples
+
+    @property
+    def metadata_mpp(self) -> float | None:
+        return self.backend.mpp
+
+    @property
+    def mpp_source(self) -> str:
+        return "user" if self.mpp_override is not None else "metadata"
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 microns per pixel: ``--slide-mpp`` when given, else the metadata's."""
+        if self.mpp_override is not None:
+            if not (self.mpp_override > 0 and math.isfinite(self.mpp_override)):
+                raise SlideError(self.path, f"--slide-mpp must be > 0 (got {self.mpp_override})")
+            return float(self.mpp_override)
+        mpp = self.backend.mpp
+        if mpp is None:
+            raise SlideError(self.path, "no resolution (microns per pixel) in the file's metadata; "
+                                        "give it with --slide-mpp (or an mpp column in the manifest)")
+        return mpp
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The coarsest level whose resolution is at least as fine as `target_mpp`, else level 0."""
+        fine_enough = [lv for lv in range(self.level_count)
+                       if self.level_mpp(lv) <= target_mpp * (1 + MPP_SLACK)]
+        return max(fine_enough, key=lambda lv: self.level_downsamples[lv], default=0)
+
+    # -- pixels --------------------------------------------------------------------------------
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """uint8 (height, width, 3) at `level`, top-left at level-0 (x, y)."""
+        return self.backend.read_region(x, y, level, width, height)
+
+    def thumbnail(self, target_mpp: float) -> np.ndarray:
+        """uint8 (h, w, 3) RGB of the whole slide at `target_mpp` microns per pixel (area-averaged).
+
+        The output covers the whole level-0 extent: h = round(H0 * mpp / target_mpp), at least 1.
+        """
+        w0, h0 = self.dimensions
+        scale = self.mpp / target_mpp
+        tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        level = self.best_level_for_mpp(target_mpp)
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        # Integer block-averaging per chunk keeps memory bounded; a final area resize hits the size.
+        factor = max(1, min(lw // tw, lh // th))
+        chunk = max(factor, (_THUMB_CHUNK // factor) * factor)
+        reduced = np.empty((math.ceil(lh / factor), math.ceil(lw / factor), 3), np.uint8)
+        for cy in range(0, lh, chunk):
+            for cx in range(0, lw, chunk):
+                cw, ch = min(chunk, lw - cx), min(chunk, lh - cy)
+                region = self.backend.read_region(round(cx * ds), round(cy * ds), level, cw, ch)
+                block = _block_mean(region, factor)
+                reduced[cy // factor:cy // factor + block.shape[0],
+                        cx // factor:cx // factor + block.shape[1]] = block
+        if reduced.shape[:2] == (th, tw):
+            return reduced
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(reduced).resize((tw, th), Image.Resampling.BOX))
+
+
+def _block_mean(img: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor blocks; partial blocks at the right and bottom edges average what
+    they have."""
+    if factor == 1:
+        return img
+    h, w = img.shape[:2]
+    hb, wb = math.ceil(h / factor), math.ceil(w / factor)
+    padded = np.zeros((hb * factor, wb * factor, 3), np.float32)
+    padded[:h, :w] = img
+    counts = np.zeros((hb * factor, wb * factor, 1), np.float32)
+    counts[:h, :w] = 1
+    sums = padded.reshape(hb, factor, wb, factor, 3).sum(axis=(1, 3))
+    n = counts.reshape(hb, factor, wb, factor, 1).sum(axis=(1, 3))
+    return np.clip(np.rint(sums / n), 0, 255).astype(np.uint8)

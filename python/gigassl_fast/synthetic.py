@@ -1,0 +1,96 @@
+"""Synthetic whole-slide images: pyramidal, tiled, JPEG-compressed TIFFs with H&E-like tissue.
+
+They carry an Aperio-style description with the resolution, so cuCIM, OpenSlide and tiffslide all read
+them as real slides of known mpp. Used by the tests, the benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+BACKGROUND = (242, 240, 244)
+STROMA = (226, 160, 196)
+NUCLEUS = (96, 52, 140)
+
+
+def _smooth_field(rng: np.random.Generator, h: int, w: int, n_blobs: int) -> np.ndarray:
+    """Sum of random Gaussian blobs on an (h, w) grid, scaled to [0, 1]."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    field = np.zeros((h, w), np.float32)
+    for _ in range(n_blobs):
+        cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+        sy, sx = rng.uniform(0.06, 0.2) * h, rng.uniform(0.06, 0.2) * w
+        field += np.exp(-(((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2) / 2)
+    return field / max(float(field.max()), 1e-6)
+
+
+def _upsample(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.BILINEAR))
+
+
+def synthetic_tissue(width: int, height: int, seed: int = 0, nuclei_density: float = 0.06,
+                     hotspots: int = 0, hotspot_density: float = 0.3) -> np.ndarray:
+    """uint8 (height, width, 3) RGB: pink stroma with purple nuclei in blobs on a white background.
+
+    `hotspots` regions get `hotspot_density` nuclei (denser and larger), the kind of minority-tile
+    difference a slide-level classifier has to find.
+    """
+    rng = np.random.default_rng(seed)
+    coarse = 16
+    ch, cw = max(2, height // coarse), max(2, width // coarse)
+    tissue = _upsample((_smooth_field(rng, ch, cw, 5) * 255).astype(np.uint8), height, width) > 110
+    cell = 4  # nuclei are drawn on a 4-pixel lattice, then blurred a little by the JPEG
+    nh, nw = -(-height // cell), -(-width // cell)
+    density = np.full((nh, nw), nuclei_density, np.float32)
+    if hotspots:
+        yy, xx = np.mgrid[0:nh, 0:nw]
+        for _ in range(hotspots):
+            cy, cx, r = rng.uniform(0.3, 0.7) * nh, rng.uniform(0.3, 0.7) * nw, rng.uniform(0.06, 0.12) * min(nh, nw)
+            density[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = hotspot_density
+    nuclei = rng.random((nh, nw), np.float32) < density
+    nuclei = np.repeat(np.repeat(nuclei, cell, 0), cell, 1)[:height, :width]
+    img = np.empty((height, width, 3), np.uint8)
+    img[:] = BACKGROUND
+    img[tissue] = STROMA
+    img[tissue & nuclei] = NUCLEUS
+    noise = rng.integers(-12, 13, size=(height, width, 1), dtype=np.int16)
+    return np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def write_pyramidal_tiff(path: str | os.PathLike, image: np.ndarray, mpp: float | None = 0.5,
+                         tile: int = 256, min_level_size: int = 512, quality: int = 85) -> str:
+    """Writes `image` as an Aperio-style pyramid (downsample 4 per level) of tiled JPEG pages.
+
+    With ``mpp=None`` the description carries no resolution (a slide that needs --slide-mpp).
+    Written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    import tifffile
+    from PIL import Image
+
+    path = os.fspath(path)
+    h, w = image.shape[:2]
+    desc = f"Aperio Image Library v12.0.0 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+    if mpp is not None:
+        desc += f"|AppMag = {10.0 / mpp:g}|MPP = {mpp}"
+    levels = [image]
+    while max(levels[-1].shape[:2]) // 4 >= min_level_size:
+        lh, lw = levels[-1].shape[:2]
+        levels.append(np.asarray(Image.fromarray(levels[-1]).resize((lw // 4, lh // 4), Image.Resampling.BOX)))
+    tmp = path + ".tmp"
+    with tifffile.TiffWriter(tmp, bigtiff=False) as tif:
+        for i, level in enumerate(levels):
+            tif.write(level, tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
+                      photometric="rgb", description=desc if i == 0 else None,
+                      subfiletype=0 if i == 0 else 1, metadata=None)
+    os.replace(tmp, path)
+    return path
+
+
+def write_synthetic_slide(path: str | os.PathLike, width: int = 4096, height: int = 3072, mpp: float | None = 0.5,
+                          seed: int = 0, **tissue_kwargs: float) -> str:
+    """A synthetic H&E-like slide at `path` (see ``synthetic_tissue`` and ``write_pyramidal_tiff``)."""
+    return write_pyramidal_tiff(path, synthetic_tissue(width, height, seed, **tissue_kwargs), mpp=mpp)

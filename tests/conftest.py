@@ -1,0 +1,51 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # benchmarks.reference: the straightforward implementations we compare with
+
+SAMPLE_DIR = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "slides"))
+SVS = os.path.join(SAMPLE_DIR, "cmu_small_region.svs")
+STRIP_TIFF = os.path.join(SAMPLE_DIR, "kidney-48-5.tif")
+NDPI = os.path.join(SAMPLE_DIR, "fluorescence_dapi.ndpi")
+
+
+@pytest.fixture(scope="session")
+def sample_dir():
+    if not os.path.isdir(SAMPLE_DIR):
+        pytest.skip(f"sample slides not found at {SAMPLE_DIR} (a user checkout has no ../shared)")
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory):
+    """A 4096x3072 pyramidal JPEG TIFF at 0.5 mpp with planted tissue (2 levels)."""
+    from gigassl_fast.synthetic import write_synthetic_slide
+
+    return write_synthetic_slide(tmp_path_factory.mktemp("syn") / "syn.tif", 4096, 3072, mpp=0.5, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory):
+    """Three small synthetic slides in one folder."""
+    from gigassl_fast.synthetic import write_synthetic_slide
+
+    folder = tmp_path_factory.mktemp("cohort")
+    for i in range(3):
+        write_synthetic_slide(folder / f"s{i}.tif", 2048, 1536, mpp=0.5, seed=10 + i)
+    return folder
+
+
+def random_thumbnail(rng: np.random.Generator, h: int, w: int, tissue: bool) -> np.ndarray:
+    """Noise, or a pale background with a few coloured blobs (tissue-like)."""
+    if not tissue:
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img = np.full((h, w, 3), 238, np.int16)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(rng.integers(1, 6)):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(2, max(3, min(h, w) // 3))
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(60, 210, 3)
+    return np.clip(img + rng.integers(-30, 31, img.shape), 0, 255).astype(np.uint8)
