@@ -66,6 +66,37 @@ void square_filter(const std::uint8_t* in, std::uint8_t* out, std::ptrdiff_t h, 
   }
 }
 
+void square2_filter(const std::uint8_t* in, std::uint8_t* out, std::uint8_t* scratch, std::ptrdiff_t h,
+                    std::ptrdiff_t w, int shift, bool is_max) {
+  std::uint8_t* tmp = scratch;
+  // Values are 0/1, so max is | and min is &. Out-of-image neighbours are the edge pixel itself.
+  const auto combine = [is_max](const std::uint8_t* a, const std::uint8_t* b, std::uint8_t* o, std::ptrdiff_t n) {
+    if (is_max) {
+      for (std::ptrdiff_t i = 0; i < n; ++i) o[i] = a[i] | b[i];
+    } else {
+      for (std::ptrdiff_t i = 0; i < n; ++i) o[i] = a[i] & b[i];
+    }
+  };
+#pragma omp parallel for schedule(static)
+  for (std::ptrdiff_t r = 0; r < h; ++r) {
+    const std::uint8_t* row = in + r * w;
+    std::uint8_t* t = tmp + r * w;
+    if (shift == 0) {
+      combine(row, row + 1, t, w - 1);
+      t[w - 1] = row[w - 1];
+    } else {
+      t[0] = row[0];
+      combine(row, row + 1, t + 1, w - 1);
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (std::ptrdiff_t r = 0; r < h; ++r) {
+    const std::ptrdiff_t a = std::max<std::ptrdiff_t>(0, std::min(h - 1, r + shift));
+    const std::ptrdiff_t b = std::max<std::ptrdiff_t>(0, std::min(h - 1, r + shift + 1));
+    combine(tmp + a * w, tmp + b * w, out + r * w, w);
+  }
+}
+
 void remove_small_objects(std::uint8_t* mask, std::ptrdiff_t h, std::ptrdiff_t w, std::int64_t min_area) {
   if (min_area <= 1) return;
   std::vector<std::uint8_t> seen(static_cast<std::size_t>(h * w), 0);

@@ -13,6 +13,11 @@ namespace gigassl {
 void square_filter(const std::uint8_t* in, std::uint8_t* out, std::ptrdiff_t h, std::ptrdiff_t w, int k,
                    int shift, bool is_max);
 
+// square_filter for k = 2 on 0/1 masks (shift 0: offsets {0, +1}; shift -1: offsets {-1, 0}), written so
+// the compiler vectorises it. `scratch` holds h * w bytes; `out` may alias `in`.
+void square2_filter(const std::uint8_t* in, std::uint8_t* out, std::uint8_t* scratch, std::ptrdiff_t h,
+                    std::ptrdiff_t w, int shift, bool is_max);
+
 // Drops 8-connected foreground components smaller than min_area pixels (in place).
 void remove_small_objects(std::uint8_t* mask, std::ptrdiff_t h, std::ptrdiff_t w, std::int64_t min_area);
 

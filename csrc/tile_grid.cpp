@@ -1,10 +1,12 @@
 // Tile grid over a tissue mask: level-0 top-left corners of the tiles whose tissue fraction, read
-// from an integral image of the mask, exceeds a threshold (O(1) per tile).
+// from an integral image of the mask (four reads per tile), exceeds a threshold.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "array_checks.hpp"
@@ -29,44 +31,73 @@ py::tuple tile_grid(const CArray<std::uint8_t>& mask, std::int64_t width0, std::
   std::vector<Kept> kept;
   {
     py::gil_scoped_release release;
-    // Integral image with a zero first row and column: sum over [r0, r1) x [c0, c1) in four reads.
-    std::vector<std::int64_t> sat(static_cast<std::size_t>((h + 1) * (w + 1)), 0);
-    for (std::ptrdiff_t r = 0; r < h; ++r) {
-      std::int64_t row = 0;
-      for (std::ptrdiff_t c = 0; c < w; ++c) {
-        row += m[r * w + c] != 0;
-        sat[(r + 1) * (w + 1) + c + 1] = sat[r * (w + 1) + c + 1] + row;
-      }
-    }
     const double sx = static_cast<double>(w) / static_cast<double>(width0);
     const double sy = static_cast<double>(h) / static_cast<double>(height0);
     const std::int64_t nx = width0 >= tile0 ? (width0 - tile0) / step0 + 1 : 0;
     const std::int64_t ny = height0 >= tile0 ? (height0 - tile0) / step0 + 1 : 0;
     // The mask footprint of a tile: every mask pixel the tile touches, at least one.
-    const auto span = [](std::int64_t a0, std::int64_t len, double s, std::ptrdiff_t n, std::ptrdiff_t& lo,
-                         std::ptrdiff_t& hi) {
-      lo = static_cast<std::ptrdiff_t>(std::floor(static_cast<double>(a0) * s));
-      hi = static_cast<std::ptrdiff_t>(std::ceil(static_cast<double>(a0 + len) * s));
+    const auto span = [](std::int64_t a0, std::int64_t len, double s, std::ptrdiff_t n) {
+      auto lo = static_cast<std::ptrdiff_t>(std::floor(static_cast<double>(a0) * s));
+      auto hi = static_cast<std::ptrdiff_t>(std::ceil(static_cast<double>(a0 + len) * s));
       lo = std::min<std::ptrdiff_t>(std::max<std::ptrdiff_t>(lo, 0), n - 1);
       hi = std::min<std::ptrdiff_t>(std::max<std::ptrdiff_t>(hi, lo + 1), n);
+      return std::pair<std::ptrdiff_t, std::ptrdiff_t>(lo, hi);
     };
-    std::vector<std::vector<Kept>> rows(static_cast<std::size_t>(ny));
-#pragma omp parallel for schedule(static)
-    for (std::int64_t j = 0; j < ny; ++j) {
-      const std::int64_t y = j * step0;
-      std::ptrdiff_t r0, r1;
-      span(y, tile0, sy, h, r0, r1);
-      for (std::int64_t i = 0; i < nx; ++i) {
-        const std::int64_t x = i * step0;
-        std::ptrdiff_t c0, c1;
-        span(x, tile0, sx, w, c0, c1);
-        const std::int64_t s = sat[r1 * (w + 1) + c1] - sat[r0 * (w + 1) + c1] - sat[r1 * (w + 1) + c0] +
-                               sat[r0 * (w + 1) + c0];
-        const double f = static_cast<double>(s) / static_cast<double>((r1 - r0) * (c1 - c0));
-        if (f > min_tissue) rows[static_cast<std::size_t>(j)].push_back({x, y, static_cast<float>(f)});
+    std::vector<std::pair<std::ptrdiff_t, std::ptrdiff_t>> row_span(static_cast<std::size_t>(ny)),
+        col_span(static_cast<std::size_t>(nx));
+    for (std::int64_t j = 0; j < ny; ++j) row_span[j] = span(j * step0, tile0, sy, h);
+    for (std::int64_t i = 0; i < nx; ++i) col_span[i] = span(i * step0, tile0, sx, w);
+
+    // The integral image is only ever read at the footprints' first and last rows, so only those rows
+    // of it are built: a sweep down the columns snapshots the column sums at each needed row, and a
+    // prefix over each snapshot gives sums over [0, row) x [0, c) for every c. Each tile then costs
+    // four reads, and memory stays at (needed rows) x (w + 1) instead of the whole (h + 1) x (w + 1).
+    std::vector<std::ptrdiff_t> rows;
+    for (const auto& rs : row_span) {
+      rows.push_back(rs.first);
+      rows.push_back(rs.second);
+    }
+    std::sort(rows.begin(), rows.end());
+    rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+    std::vector<std::int32_t> slot(static_cast<std::size_t>(h + 1), -1);
+    for (std::size_t k = 0; k < rows.size(); ++k) slot[static_cast<std::size_t>(rows[k])] = static_cast<std::int32_t>(k);
+    const std::ptrdiff_t stride = w + 1;
+    std::vector<std::int64_t> integral(rows.size() * static_cast<std::size_t>(stride), 0);
+    constexpr std::ptrdiff_t kStrip = 512;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (std::ptrdiff_t c0 = 0; c0 < w; c0 += kStrip) {
+      const std::ptrdiff_t c1 = std::min(w, c0 + kStrip);
+      std::vector<std::int64_t> colsum(static_cast<std::size_t>(c1 - c0), 0);
+      std::size_t k = 0;
+      for (std::ptrdiff_t r = 0; k < rows.size(); ++r) {
+        if (r == rows[k]) {
+          std::copy(colsum.begin(), colsum.end(), integral.begin() + static_cast<std::ptrdiff_t>(k) * stride + 1 + c0);
+          ++k;
+        }
+        if (r >= h) break;
+        const std::uint8_t* row = m + r * w;
+        for (std::ptrdiff_t c = c0; c < c1; ++c) colsum[static_cast<std::size_t>(c - c0)] += row[c] != 0;
       }
     }
-    for (auto& r : rows) kept.insert(kept.end(), r.begin(), r.end());
+#pragma omp parallel for schedule(static)
+    for (std::ptrdiff_t k = 0; k < static_cast<std::ptrdiff_t>(rows.size()); ++k) {
+      std::int64_t* p = integral.data() + k * stride;
+      for (std::ptrdiff_t c = 1; c <= w; ++c) p[c] += p[c - 1];
+    }
+    std::vector<std::vector<Kept>> found(static_cast<std::size_t>(ny));
+#pragma omp parallel for schedule(static)
+    for (std::int64_t j = 0; j < ny; ++j) {
+      const auto [r0, r1] = row_span[j];
+      const std::int64_t* top = integral.data() + static_cast<std::ptrdiff_t>(slot[r0]) * stride;
+      const std::int64_t* bottom = integral.data() + static_cast<std::ptrdiff_t>(slot[r1]) * stride;
+      for (std::int64_t i = 0; i < nx; ++i) {
+        const auto [c0, c1] = col_span[i];
+        const std::int64_t sum = bottom[c1] - top[c1] - bottom[c0] + top[c0];
+        const double f = static_cast<double>(sum) / static_cast<double>((r1 - r0) * (c1 - c0));
+        if (f > min_tissue) found[static_cast<std::size_t>(j)].push_back({i * step0, j * step0, static_cast<float>(f)});
+      }
+    }
+    for (auto& r : found) kept.insert(kept.end(), r.begin(), r.end());
   }
   const auto n = static_cast<std::ptrdiff_t>(kept.size());
   py::array_t<std::int64_t> coords({n, static_cast<std::ptrdiff_t>(2)});

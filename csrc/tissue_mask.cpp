@@ -29,31 +29,33 @@ inline double reference_gray(std::uint8_t r, std::uint8_t g, std::uint8_t b) {
   return std::fma(b * s, 0.0721, std::fma(r * s, 0.2125, (g * s) * 0.7154));
 }
 
-// scikit-image threshold_otsu(values, nbins=256) for values in [lo, hi], given a callback that
-// visits them. Returns NaN when there are no values.
-template <typename ForEach>
-double skimage_otsu(ForEach for_each, std::int64_t n, double lo, double hi) {
-  if (n == 0) return std::numeric_limits<double>::quiet_NaN();
-  if (lo == hi) return lo;
-  // numpy.linspace(lo, hi, 257) and numpy.histogram's index arithmetic with its edge corrections.
+// numpy.linspace(lo, hi, 257) and numpy.histogram's index arithmetic with its edge corrections, for
+// the 256-bin histogram scikit-image's threshold_otsu builds over [lo, hi].
+struct NumpyBins {
   std::array<double, kBins + 1> edges{};
-  const double step = (hi - lo) / kBins;
-  for (int i = 0; i < kBins; ++i) edges[i] = static_cast<double>(i) * step + lo;
-  edges[kBins] = hi;
-  const double denom = hi - lo;
-  std::array<std::int64_t, kBins> counts{};
-  for_each([&](double v) {
+  double lo, denom;
+  NumpyBins(double lo_, double hi_) : lo(lo_), denom(hi_ - lo_) {
+    const double step = (hi_ - lo_) / kBins;
+    for (int i = 0; i < kBins; ++i) edges[i] = static_cast<double>(i) * step + lo_;
+    edges[kBins] = hi_;
+  }
+  int index(double v) const {
     std::int64_t idx = static_cast<std::int64_t>(((v - lo) / denom) * kBins);
     if (idx == kBins) idx -= 1;
     if (v < edges[idx]) idx -= 1;
     if (idx != kBins - 1 && v >= edges[idx + 1]) idx += 1;
-    counts[idx] += 1;
-  });
+    return static_cast<int>(idx);
+  }
+};
+
+// scikit-image threshold_otsu from its histogram: counts cast to float32, float32 cumulative weights
+// (and their float32 product), float64 class means; numpy.argmax semantics.
+double skimage_otsu(const NumpyBins& bins, const std::array<std::int64_t, kBins>& counts) {
   std::array<double, kBins> centers{};
   std::array<float, kBins> c32{}, w1{}, w2{};
   for (int i = 0; i < kBins; ++i) {
-    centers[i] = (edges[i] + edges[i + 1]) / 2.0;
-    c32[i] = static_cast<float>(counts[i]);  // scikit-image casts the counts to float32
+    centers[i] = (bins.edges[i] + bins.edges[i + 1]) / 2.0;
+    c32[i] = static_cast<float>(counts[i]);
   }
   float acc32 = 0.0f;
   for (int i = 0; i < kBins; ++i) w1[i] = (acc32 += c32[i]);
@@ -88,49 +90,103 @@ double skimage_otsu(ForEach for_each, std::int64_t n, double lo, double hi) {
   return centers[best];
 }
 
+inline bool usable(double g) { return g > 0.02 && g < 0.98; }
+
+// The three passes over the thumbnail's interior rows [r0, r1) and columns [c0, c1). Each is also built
+// for x86-64-v3, where std::fma is one instruction instead of a libm call; the loader picks the clone
+// the CPU supports. Results are identical either way (fma is exactly rounded on both paths).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define GIGASSL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GIGASSL_CLONES
+#endif
+
+GIGASSL_CLONES void usable_range(const std::uint8_t* src, std::ptrdiff_t w, std::ptrdiff_t r0, std::ptrdiff_t r1,
+                                 std::ptrdiff_t c0, std::ptrdiff_t c1, std::int64_t& n, double& lo, double& hi) {
+  std::int64_t cnt = 0;
+  double mn = lo, mx = hi;
+#pragma omp parallel for schedule(static) reduction(min : mn) reduction(max : mx) reduction(+ : cnt)
+  for (std::ptrdiff_t r = r0; r < r1; ++r) {
+    const std::uint8_t* px = src + 3 * r * w;
+    for (std::ptrdiff_t c = c0; c < c1; ++c) {
+      const double g = reference_gray(px[3 * c], px[3 * c + 1], px[3 * c + 2]);
+      if (usable(g)) {
+        ++cnt;
+        mn = std::min(mn, g);
+        mx = std::max(mx, g);
+      }
+    }
+  }
+  n = cnt;
+  lo = mn;
+  hi = mx;
+}
+
+GIGASSL_CLONES std::array<std::int64_t, kBins> usable_histogram(const std::uint8_t* src, std::ptrdiff_t w,
+                                                                std::ptrdiff_t r0, std::ptrdiff_t r1,
+                                                                std::ptrdiff_t c0, std::ptrdiff_t c1,
+                                                                const NumpyBins& bins) {
+  std::array<std::int64_t, kBins> counts{};
+#pragma omp parallel
+  {
+    std::array<std::int64_t, kBins> local{};
+#pragma omp for schedule(static) nowait
+    for (std::ptrdiff_t r = r0; r < r1; ++r) {
+      const std::uint8_t* px = src + 3 * r * w;
+      for (std::ptrdiff_t c = c0; c < c1; ++c) {
+        const double g = reference_gray(px[3 * c], px[3 * c + 1], px[3 * c + 2]);
+        if (usable(g)) local[bins.index(g)] += 1;
+      }
+    }
+#pragma omp critical
+    for (int i = 0; i < kBins; ++i) counts[i] += local[i];
+  }
+  return counts;
+}
+
+GIGASSL_CLONES void below_threshold(const std::uint8_t* src, std::ptrdiff_t w, std::ptrdiff_t r0, std::ptrdiff_t r1,
+                                    std::ptrdiff_t c0, std::ptrdiff_t c1, double threshold, std::uint8_t* raw) {
+#pragma omp parallel for schedule(static)
+  for (std::ptrdiff_t r = r0; r < r1; ++r) {
+    const std::uint8_t* px = src + 3 * r * w;
+    for (std::ptrdiff_t c = c0; c < c1; ++c) {
+      const double g = reference_gray(px[3 * c], px[3 * c + 1], px[3 * c + 2]);
+      raw[r * w + c] = (g < threshold && g > 0.02) ? 1 : 0;
+    }
+  }
+}
+
 py::tuple otsu_gray_mask(const CArray<std::uint8_t>& rgb) {
   require_rgb(rgb, "rgb");
   const std::ptrdiff_t h = rgb.shape(0), w = rgb.shape(1);
   py::array_t<std::uint8_t> out({h, w});
   const std::uint8_t* src = rgb.data();
   std::uint8_t* dst = out.mutable_data();
-  double threshold;
+  double threshold = std::numeric_limits<double>::quiet_NaN();
   {
     py::gil_scoped_release release;
-    std::vector<double> gray(static_cast<std::size_t>(h * w));
-    const std::ptrdiff_t pr = h / 30, pc = w / 30;  // the reference's clear_border(prop=30)
-#pragma omp parallel for schedule(static)
-    for (std::ptrdiff_t r = 0; r < h; ++r) {
-      for (std::ptrdiff_t c = 0; c < w; ++c) {
-        const std::ptrdiff_t p = r * w + c;
-        const bool band = r < pr || r >= h - pr || c < pc || c >= w - pc;
-        gray[p] = band ? 0.0 : reference_gray(src[3 * p], src[3 * p + 1], src[3 * p + 2]);
-      }
-    }
+    // The reference zeroes a border band (clear_border, prop=30); zero is never tissue, so only the
+    // interior is ever looked at. Grey levels are recomputed in each pass rather than stored: three
+    // multiply-adds cost less than writing and re-reading 8 bytes per pixel.
+    const std::ptrdiff_t r0 = h / 30, r1 = h - h / 30, c0 = w / 30, c1 = w - w / 30;
     std::int64_t n = 0;
     double lo = std::numeric_limits<double>::infinity(), hi = -lo;
-    for (double v : gray) {
-      if (v > 0.02 && v < 0.98) {
-        ++n;
-        lo = std::min(lo, v);
-        hi = std::max(hi, v);
-      }
+    usable_range(src, w, r0, r1, c0, c1, n, lo, hi);
+    if (n > 0 && lo == hi) {
+      threshold = lo;  // threshold_otsu of a constant image is that value
+    } else if (n > 0) {
+      const NumpyBins bins(lo, hi);
+      threshold = skimage_otsu(bins, usable_histogram(src, w, r0, r1, c0, c1, bins));
     }
-    threshold = skimage_otsu(
-        [&](auto&& visit) {
-          for (double v : gray)
-            if (v > 0.02 && v < 0.98) visit(v);
-        },
-        n, lo, hi);
-    std::vector<std::uint8_t> raw(static_cast<std::size_t>(h * w)), tmp(raw.size());
-    // NaN threshold (no usable pixel): every comparison is false, the mask is empty.
-    for (std::ptrdiff_t p = 0; p < h * w; ++p) raw[p] = (gray[p] < threshold && gray[p] > 0.02) ? 1 : 0;
-    // closing then opening with a 2x2 square, windows placed as scikit-image places even footprints.
-    // (scikit-image's dilation and erosion both take offsets {0, +1}; their mirrored partners {-1, 0}.)
-    square_filter(raw.data(), tmp.data(), h, w, 2, 0, true);
-    square_filter(tmp.data(), raw.data(), h, w, 2, -1, false);
-    square_filter(raw.data(), tmp.data(), h, w, 2, 0, false);
-    square_filter(tmp.data(), dst, h, w, 2, -1, true);
+    // Two buffers for the whole chain: each 2x2 pass goes through `scratch` and lands back in place.
+    std::vector<std::uint8_t> raw(static_cast<std::size_t>(h * w), 0), scratch(raw.size());
+    if (n > 0) below_threshold(src, w, r0, r1, c0, c1, threshold, raw.data());
+    // Closing then opening with a 2x2 square. scikit-image's dilation and erosion both look at offsets
+    // {0, +1}; closing and opening then apply the mirrored footprint, offsets {-1, 0}.
+    square2_filter(raw.data(), raw.data(), scratch.data(), h, w, 0, true);
+    square2_filter(raw.data(), raw.data(), scratch.data(), h, w, -1, false);
+    square2_filter(raw.data(), raw.data(), scratch.data(), h, w, 0, false);
+    square2_filter(raw.data(), dst, scratch.data(), h, w, -1, true);
   }
   return py::make_tuple(out, threshold);
 }

@@ -3,8 +3,8 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import NDPI, STRIP_TIFF, SVS
 
+from conftest import NDPI, STRIP_TIFF, SVS
 from gigassl_fast.errors import SlideError
 from gigassl_fast.slides import Slide, backend_order
 

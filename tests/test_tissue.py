@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 from benchmarks.reference.tiling import reference_otsu_gray_mask
-from conftest import NDPI, STRIP_TIFF, SVS, random_thumbnail
 
+from conftest import NDPI, STRIP_TIFF, SVS, random_thumbnail
 from gigassl_fast import _core
 from gigassl_fast.slides import Slide
 from gigassl_fast.tissue import MaskParams, tissue_mask

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from abc import ABC, abstractmethod
+
 import numpy as np
 
 from ..errors import SlideError
