@@ -81,13 +81,11 @@ def compute_paths() -> list[Path]:
     threads = os.cpu_count() or 1
     core = f"C++ core (_core{', OpenMP' if _core.openmp else ', no OpenMP'}, {threads} threads)"
     paths = [Path("tile: mask + grid", core, "always")]
+    cpu_reader = "cuCIM CPU reader" if _version("cucim") else "tiffslide"
     gpu, why = cucim_gpu_decode()
-    if gpu:
-        paths.append(Path("slide decoding", "cuCIM on the GPU (SVS, tiled TIFF); OpenSlide on the CPU for other formats", why))
-    else:
-        cpu_reader = "cuCIM CPU reader" if _version("cucim") else "tiffslide"
-        paths.append(Path("slide decoding", f"{cpu_reader} for SVS/TIFF, OpenSlide for NDPI/MRXS/SCN/...",
-                          f"GPU decoding unavailable: {why}"))
+    gpu_note = f"GPU decoding possible ({why}); encode, which uses it, is not built yet" if gpu else \
+        f"GPU decoding unavailable: {why}"
+    paths.append(Path("slide decoding", f"{cpu_reader} for SVS/TIFF, OpenSlide for NDPI/MRXS/SCN/...", gpu_note))
     return paths
 
 

@@ -145,15 +145,14 @@ def _quiet_native_output():
 
 
 class CucimBackend(SlideBackend):
-    """cuCIM: SVS and tiled TIFF; decodes on the GPU when `device` is 'cuda'."""
+    """cuCIM: SVS and tiled TIFF, decoded on the CPU with worker threads for batched reads."""
 
     name = "cucim"
 
-    def __init__(self, path: str, device: str = "cpu") -> None:
+    def __init__(self, path: str) -> None:
         super().__init__(path)
         from cucim import CuImage
 
-        self.device = device
         try:
             with _quiet_native_output():
                 self._img = CuImage(path)
@@ -370,7 +369,7 @@ def backend_order(path: str) -> list[str]:
     return [b for b in order if backend_available(b)]
 
 
-def open_backend(path: str, reader: str = "auto", device: str = "cpu") -> SlideBackend:
+def open_backend(path: str, reader: str = "auto") -> SlideBackend:
     """Opens `path` with `reader`, or with the first backend in `backend_order` that accepts it."""
     if not os.path.exists(path):
         raise SlideError(path, "no such file; check the path or the manifest")
@@ -381,14 +380,14 @@ def open_backend(path: str, reader: str = "auto", device: str = "cpu") -> SlideB
             raise SlideError(path, f"unknown reader {reader!r}; use one of auto, {', '.join(BACKENDS)}")
         if not backend_available(reader):
             raise SlideError(path, f"reader {reader!r} is not installed; install it or use --reader auto")
-        return BACKENDS[reader](path, device=device) if reader == "cucim" else BACKENDS[reader](path)
+        return BACKENDS[reader](path)
     order = backend_order(path)
     if not order:
         raise SlideError(path, "no slide reader is installed (cucim, openslide-python or tiffslide)")
     problems = []
     for name in order:
         try:
-            return BACKENDS[name](path, device=device) if name == "cucim" else BACKENDS[name](path)
+            return BACKENDS[name](path)
         except SlideError as err:
             problems.append(err.problem)
     ext = os.path.splitext(path)[1].lower() or "(no extension)"

@@ -27,22 +27,19 @@ class Slide:
         reader: ``"auto"`` (by file type: cuCIM for SVS/tiled TIFF, tiffslide for strip TIFF,
             OpenSlide for the rest) or a backend name (``cucim``, ``openslide``, ``tiffslide``).
         mpp: level-0 microns per pixel, overriding the file's metadata (``--slide-mpp``).
-        device: ``"cpu"`` or ``"cuda"`` (cuCIM GPU decoding).
     """
 
-    def __init__(self, path: str | os.PathLike, reader: str = "auto", mpp: float | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(self, path: str | os.PathLike, reader: str = "auto", mpp: float | None = None) -> None:
         self.path = os.fspath(path)
         self.reader = reader
         self.mpp_override = mpp
-        self.device = device
         self._backend: SlideBackend | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
     def backend(self) -> SlideBackend:
         if self._backend is None:
-            self._backend = open_backend(self.path, self.reader, self.device)
+            self._backend = open_backend(self.path, self.reader)
             w, h = self._backend.level_dimensions[0]
             if w < 1 or h < 1:
                 raise SlideError(self.path, f"level 0 is empty ({w}x{h})")
