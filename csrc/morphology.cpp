@@ -66,34 +66,47 @@ void square_filter(const std::uint8_t* in, std::uint8_t* out, std::ptrdiff_t h, 
   }
 }
 
-void square2_filter(const std::uint8_t* in, std::uint8_t* out, std::uint8_t* scratch, std::ptrdiff_t h,
-                    std::ptrdiff_t w, int shift, bool is_max) {
-  std::uint8_t* tmp = scratch;
-  // Values are 0/1, so max is | and min is &. Out-of-image neighbours are the edge pixel itself.
-  const auto combine = [is_max](const std::uint8_t* a, const std::uint8_t* b, std::uint8_t* o, std::ptrdiff_t n) {
-    if (is_max) {
-      for (std::ptrdiff_t i = 0; i < n; ++i) o[i] = a[i] | b[i];
-    } else {
-      for (std::ptrdiff_t i = 0; i < n; ++i) o[i] = a[i] & b[i];
-    }
-  };
+void square2_filter_bits(std::uint64_t* in, std::uint64_t* out, std::uint64_t* scratch, std::ptrdiff_t h,
+                         std::ptrdiff_t w, int shift, bool is_max) {
+  const std::ptrdiff_t stride = bit_stride(w);
+  const auto op = [is_max](std::uint64_t a, std::uint64_t b) { return is_max ? (a | b) : (a & b); };
 #pragma omp parallel for schedule(static)
   for (std::ptrdiff_t r = 0; r < h; ++r) {
-    const std::uint8_t* row = in + r * w;
-    std::uint8_t* t = tmp + r * w;
+    std::uint64_t* x = in + r * stride;
+    std::uint64_t* t = scratch + r * stride;
     if (shift == 0) {
-      combine(row, row + 1, t, w - 1);
-      t[w - 1] = row[w - 1];
+      // Column w (a spare bit) stands for the clamped neighbour of column w - 1: copy w - 1 into it.
+      const std::uint64_t last = (x[(w - 1) >> 6] >> ((w - 1) & 63)) & 1u;
+      x[w >> 6] = (x[w >> 6] & ~(std::uint64_t{1} << (w & 63))) | (last << (w & 63));
+      for (std::ptrdiff_t k = 0; k < stride; ++k) {
+        const std::uint64_t next = (x[k] >> 1) | (k + 1 < stride ? x[k + 1] << 63 : 0);
+        t[k] = op(x[k], next);
+      }
     } else {
-      t[0] = row[0];
-      combine(row, row + 1, t + 1, w - 1);
+      for (std::ptrdiff_t k = 0; k < stride; ++k) {
+        const std::uint64_t prev = (x[k] << 1) | (k > 0 ? x[k - 1] >> 63 : (x[0] & 1u));
+        t[k] = op(x[k], prev);
+      }
     }
   }
 #pragma omp parallel for schedule(static)
   for (std::ptrdiff_t r = 0; r < h; ++r) {
     const std::ptrdiff_t a = std::max<std::ptrdiff_t>(0, std::min(h - 1, r + shift));
     const std::ptrdiff_t b = std::max<std::ptrdiff_t>(0, std::min(h - 1, r + shift + 1));
-    combine(tmp + a * w, tmp + b * w, out + r * w, w);
+    const std::uint64_t* ta = scratch + a * stride;
+    const std::uint64_t* tb = scratch + b * stride;
+    std::uint64_t* o = out + r * stride;
+    for (std::ptrdiff_t k = 0; k < stride; ++k) o[k] = op(ta[k], tb[k]);
+  }
+}
+
+void unpack_bits(const std::uint64_t* bits, std::uint8_t* out, std::ptrdiff_t h, std::ptrdiff_t w) {
+  const std::ptrdiff_t stride = bit_stride(w);
+#pragma omp parallel for schedule(static)
+  for (std::ptrdiff_t r = 0; r < h; ++r) {
+    const std::uint64_t* x = bits + r * stride;
+    std::uint8_t* o = out + r * w;
+    for (std::ptrdiff_t c = 0; c < w; ++c) o[c] = static_cast<std::uint8_t>((x[c >> 6] >> (c & 63)) & 1u);
   }
 }
 
