@@ -86,6 +86,65 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
 
 
 @cli.command()
+@click.argument("slides", nargs=-1)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder: features/<slide_id>.h5 (and tiles/, qc/ when tiling was needed), encode_summary.json.")
+@click.option("--encoder", default="efficientnet-lite0", show_default=True, help="Tile encoder (see --list-encoders).")
+@click.option("--weights", default=None,
+              help="Encoder weights: a checkpoint path, 'imagenet' (resnet18-l3: torchvision's, downloaded once), "
+                   "or 'random' (tests). Default: the encoder's own (efficientnet-lite0: shipped offline).")
+@click.option("--naug", type=click.IntRange(min=0), default=50, show_default=True, help="Augmented versions per slide.")
+@click.option("--nt", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tiles per augmented version (drawn with replacement).")
+@_tile_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per encoder call.")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads (cuCIM).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Encoder compute precision; auto is bf16 on GPUs, float32 on CPUs (features are stored as float16).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of tile draws and augmentations.")
+@click.option("--shard", default=None, metavar="I/N", help="Process only shard I of N (0-based), e.g. for SLURM arrays.")
+@click.option("--overwrite", is_flag=True, help="Replace feature files made with other parameters.")
+@click.option("--list-encoders", is_flag=True, help="List the registered encoders and exit.")
+def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp,
+           slide_mpp, reader, batch_size, workers, device, precision, seed, shard, overwrite, list_encoders) -> None:
+    """Tile features for each slide, plain and under Giga-SSL augmentations.
+
+    SLIDES are slide files, folders, globs or a CSV manifest (slide_id,path[,mpp]). Slides are tiled
+    first when their tile file is missing. Finished slides are skipped; under torchrun each rank takes
+    its share of the slides and its own GPU. Exit code 1 if any slide failed.
+    """
+    from .encoders import get_config, list_encoders as names
+
+    if list_encoders:
+        for name in names():
+            c = get_config(name)
+            click.echo(f"{name:<20} {c.out_dim:>5}-d  input {c.input_size}px  {c.description}")
+        return
+    if not slides or not out_dir:
+        raise click.UsageError("encode needs SLIDES and --out (or --list-encoders)")
+    from .cohort import collect_slides, parse_shard, take_shard
+    from .encode import EncodeParams, run_encode
+
+    params = EncodeParams(encoder=encoder, weights=weights, naug=naug, nt=nt, batch_size=batch_size, workers=workers,
+                          device=device, precision=precision, seed=seed,
+                          tiles=_tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp)).validate()
+    shard_spec = parse_shard(shard)
+    entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)
+    name = "encode_summary.json" if shard is None else f"encode_summary.shard{shard_spec[0]}of{shard_spec[1]}.json"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = name.replace(".json", f".rank{os.environ.get('RANK', '0')}.json")
+    summary = run_encode(entries, params, out_dir, reader=reader, overwrite=overwrite, summary_name=name)
+    click.echo(summary.table())
+    tp = summary.config["throughput"]
+    rates = ", ".join(f"{k.split('_')[0]} {v:,.0f} tiles/s" for k, v in tp.items() if k.endswith("per_s") and v)
+    if rates:
+        click.echo(f"throughput: {rates}")
+    click.echo(f"feature files in {os.path.join(out_dir, 'features')}, summary in {os.path.join(out_dir, name)}")
+    sys.exit(summary.exit_code)
+
+
+@cli.command()
 def info() -> None:
     """Versions, devices, and the compute path each stage takes here."""
     from .compute import report

@@ -1,0 +1,270 @@
+"""The encode stage: tile features, plain and under Giga-SSL augmentations (spec §3), per slide.
+
+File ``features/<slide_id>.h5`` (CLAM/TRIDENT names for the first two):
+    coords        int64 (N, 2)         level-0 top-left (x, y) of every tissue tile
+    features      float16 (N, D)       every tile, no augmentation (what ``embed`` reads)
+    aug/indices   int32 (Naug, Nt)     tiles drawn with replacement for augmented version a
+    aug/features  float16 (Naug, Nt, D) batch a encoded under augmentation a
+    aug/params    float32 (Naug, 13)   the augmentation parameters (columns: augment.PARAM_COLUMNS)
+    attrs         the tile file's attributes plus encoder, weights checksum, Naug, Nt, seed, precision,
+                  device, version.
+
+Each distinct tile is decoded once per slide; the augmented batches are built from that pool.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .augment import PARAM_COLUMNS, augment, draw_params
+from .cohort import SlideEntry
+from .encoders import create_encoder, get_config
+from .errors import GigasslError
+from .h5files import atomic_h5, is_complete, read_attrs, write_attrs
+from .locks import slide_lock
+from .runlog import Progress, RunSummary, SlideRecord
+from .slides import Slide
+from .tiling import TileParams, read_tile_file, tile_one, tile_path
+
+FORMAT = "gigassl-fast/features/1"
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    encoder: str = "efficientnet-lite0"
+    weights: str | None = None
+    naug: int = 50
+    nt: int = 256
+    batch_size: int = 64
+    workers: int = 4
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    tiles: TileParams = field(default_factory=TileParams)
+
+    def validate(self) -> EncodeParams:
+        get_config(self.encoder)
+        if self.naug < 0:
+            raise GigasslError(f"--naug must be >= 0 (got {self.naug})")
+        if self.nt < 1:
+            raise GigasslError(f"--nt must be >= 1 (got {self.nt})")
+        if self.batch_size < 1:
+            raise GigasslError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise GigasslError(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise GigasslError(f"--device {self.device}: no CUDA device is available here; use --device cpu")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise GigasslError(f"--precision must be auto, bf16 or fp32 (got {self.precision!r})")
+        self.tiles.validate()
+        return self
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class TileEncoder:
+    """The encoder on its device with its normalisation, applied in batches."""
+
+    def __init__(self, params: EncodeParams) -> None:
+        self.config = get_config(params.encoder)
+        self.device = params.resolved_device()
+        self.model = create_encoder(params.encoder, params.weights).to(self.device)
+        # auto: bf16 on GPUs; float32 on CPUs, where bf16 convolutions are only fast with AMX.
+        self.bf16 = params.precision == "bf16" or (params.precision == "auto" and self.device.type == "cuda")
+        self.precision = "bf16" if self.bf16 else "fp32"
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1)
+        self.checksum = getattr(self.model, "weights_checksum", "unknown")
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """float (B, 3, S, S) in [0, 1] on the device -> float32 (B, D) on the CPU."""
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(x).float().cpu()
+
+
+def features_path(out_dir: str, slide_id: str) -> str:
+    return os.path.join(out_dir, "features", f"{slide_id}.h5")
+
+
+def slide_seed(seed: int, slide_id: str) -> int:
+    """Per-slide seed: the same for a slide whatever the shard or cohort order."""
+    return (seed * 1_000_003 + zlib.crc32(slide_id.encode())) % (2**63)
+
+
+def reuse_key(entry: SlideEntry, params: EncodeParams, checksum: str) -> dict:
+    from .tiling import reuse_key as tile_key
+
+    return {**tile_key(entry, params.tiles), "format": FORMAT, "encoder": params.encoder,
+            "weights_checksum": checksum, "naug": params.naug, "nt": params.nt, "seed": params.seed,
+            "precision": params.precision}
+
+
+def _to_float(tiles_u8: np.ndarray, device: torch.device, size: int) -> torch.Tensor:
+    """uint8 (B, s, s, 3) -> float (B, 3, size, size) in [0, 1] on `device`."""
+    x = torch.from_numpy(tiles_u8).to(device).permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc: TileEncoder,
+                 slide_id: str, timings: dict) -> dict:
+    """Features of one slide (see the module docstring); returns the arrays to write."""
+    n = len(coords)
+    tile = int(grid_attrs["tile_size"])
+    size = enc.config.input_size
+    gen = torch.Generator().manual_seed(slide_seed(params.seed, slide_id))
+    indices = torch.randint(0, max(n, 1), (params.naug, params.nt), generator=gen, dtype=torch.int64)
+    needed = np.unique(indices.numpy()) if n else np.zeros(0, np.int64)
+    pool = np.empty((len(needed), tile, tile, 3), np.uint8)  # tiles the augmented batches draw from
+    slot = np.full(max(n, 1), -1, np.int64)
+    slot[needed] = np.arange(len(needed))
+    features = np.empty((n, enc.config.out_dim), np.float16)
+    level, read = int(grid_attrs["read_level"]), int(grid_attrs["read_tile_size"])
+    for start in range(0, n, params.batch_size):
+        stop = min(n, start + params.batch_size)
+        t = time.perf_counter()
+        raw = slide.backend.read_regions(coords[start:stop], level, read, read, num_workers=params.workers)
+        x = _to_float(raw, enc.device, tile)
+        timings["read"] += time.perf_counter() - t
+        keep = slot[start:stop] >= 0
+        if keep.any():
+            pool[slot[start:stop][keep]] = (x[torch.from_numpy(keep).to(x.device)] * 255).round().byte() \
+                .permute(0, 2, 3, 1).cpu().numpy()
+        t = time.perf_counter()
+        features[start:stop] = enc(x if tile == size else F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).numpy()
+        timings["encode"] += time.perf_counter() - t
+    aug_features = np.empty((params.naug if n else 0, params.nt, enc.config.out_dim), np.float16)
+    aug_params = np.empty((params.naug if n else 0, len(PARAM_COLUMNS)), np.float32)
+    for a in range(aug_features.shape[0]):
+        p = draw_params(gen, tile)
+        aug_params[a] = p.as_row()
+        rows = slot[indices[a].numpy()]
+        for start in range(0, params.nt, params.batch_size):
+            t = time.perf_counter()
+            batch = _to_float(pool[rows[start:start + params.batch_size]], enc.device, tile)
+            batch = augment(batch, p, size)
+            timings["augment"] += time.perf_counter() - t
+            t = time.perf_counter()
+            aug_features[a, start:start + params.batch_size] = enc(batch).numpy()
+            timings["encode"] += time.perf_counter() - t
+    return {"coords": coords.astype(np.int64), "features": features,
+            "indices": indices.numpy().astype(np.int32) if n else np.zeros((0, params.nt), np.int32),
+            "aug_features": aug_features, "aug_params": aug_params}
+
+
+def write_features(path: str, arrays: dict, attrs: dict) -> None:
+    with atomic_h5(path) as fh:
+        fh.create_dataset("coords", data=arrays["coords"])
+        fh.create_dataset("features", data=arrays["features"])
+        g = fh.create_group("aug")
+        g.create_dataset("indices", data=arrays["indices"])
+        g.create_dataset("features", data=arrays["aug_features"])
+        g.create_dataset("params", data=arrays["aug_params"])
+        g.attrs["param_columns"] = ",".join(PARAM_COLUMNS)
+        write_attrs(fh, attrs)
+
+
+def read_features(path: str) -> dict:
+    """Arrays and attributes of a feature file."""
+    try:
+        with h5py.File(path, "r") as fh:
+            return {"coords": fh["coords"][:], "features": fh["features"][:], "aug_indices": fh["aug/indices"][:],
+                    "aug_features": fh["aug/features"][:], "aug_params": fh["aug/params"][:], "attrs": read_attrs(fh)}
+    except (OSError, KeyError) as err:
+        raise GigasslError(f"{path}: not a readable feature file ({err}); rerun `gigassl-fast encode`") from None
+
+
+def encode_one(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileEncoder, reader: str,
+               overwrite: bool, timings: dict) -> SlideRecord:
+    start = time.time()
+    path = features_path(out_dir, entry.slide_id)
+    key = reuse_key(entry, params, enc.checksum)
+    if os.path.exists(path) and not overwrite:
+        if is_complete(path, key):
+            with h5py.File(path, "r") as fh:
+                n = int(fh["coords"].shape[0])
+            return SlideRecord(entry.slide_id, entry.path, "skipped", n, time.time() - start, "up to date")
+        if is_complete(path, {}):
+            return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start,
+                               f"{path} exists with other parameters; pass --overwrite to replace it")
+    with slide_lock(path + ".lock") as mine:
+        if not mine:
+            return SlideRecord(entry.slide_id, entry.path, "skipped", 0, time.time() - start,
+                               "another process is encoding it")
+        try:
+            tile_rec = tile_one(entry, params.tiles, out_dir, reader, overwrite=False, qc=True)
+            if tile_rec.status == "failed":
+                return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start, tile_rec.message)
+            grid = read_tile_file(tile_path(out_dir, entry.slide_id))
+            with Slide(entry.path, reader=reader, mpp=entry.mpp) as slide:
+                arrays = encode_slide(slide, grid.attrs, grid.coords, params, enc, entry.slide_id, timings)
+            attrs = {**grid.attrs, **key, "format": FORMAT, "version": __version__, "out_dim": enc.config.out_dim,
+                     "input_size": enc.config.input_size, "device": str(enc.device), "compute_precision": enc.precision,
+                     "aug_param_columns": list(PARAM_COLUMNS)}
+            write_features(path, arrays, attrs)
+        except GigasslError as err:
+            return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start, str(err))
+        except Exception as err:  # one slide must never stop the cohort; the message keeps the cause
+            return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start,
+                               f"{entry.path}: unexpected {type(err).__name__}: {err} (please report this)")
+    n = len(arrays["coords"])
+    if n == 0:
+        return SlideRecord(entry.slide_id, entry.path, "empty", 0, time.time() - start,
+                           "no tissue tiles: feature file written with 0 tiles")
+    return SlideRecord(entry.slide_id, entry.path, "done", n, time.time() - start)
+
+
+def distributed_share(entries: Sequence[SlideEntry]) -> tuple[list[SlideEntry], str | None]:
+    """Under torchrun, each rank takes every WORLD_SIZE-th slide and its own GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return list(entries), None
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    return list(entries)[rank::world], (f"cuda:{local}" if torch.cuda.is_available() else None)
+
+
+def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str, reader: str = "auto",
+               overwrite: bool = False, summary_name: str = "encode_summary.json") -> RunSummary:
+    """Encodes a cohort; one bad slide is recorded and the run goes on."""
+    entries, rank_device = distributed_share(entries)
+    if rank_device and params.device == "auto":
+        params = EncodeParams(**{**asdict(params), "tiles": params.tiles, "device": rank_device})
+    params.validate()
+    enc = TileEncoder(params)
+    config = {"out": os.path.abspath(out_dir), "reader": reader, **asdict(params), "device": str(enc.device),
+              "weights_checksum": enc.checksum}
+    summary = RunSummary("encode", config)
+    timings = {"read": 0.0, "augment": 0.0, "encode": 0.0}
+    progress = Progress(len(entries), "encode")
+    for entry in entries:
+        record = encode_one(entry, params, out_dir, enc, reader, overwrite, timings)
+        summary.add(record)
+        progress.update(record)
+    done_tiles = sum(r.n_tiles for r in summary.records if r.status == "done")
+    aug_tiles = params.naug * params.nt * sum(1 for r in summary.records if r.status == "done")
+    summary.config["throughput"] = {
+        "read_tiles_per_s": done_tiles / timings["read"] if timings["read"] else None,
+        "augment_tiles_per_s": aug_tiles / timings["augment"] if timings["augment"] else None,
+        "encode_tiles_per_s": (done_tiles + aug_tiles) / timings["encode"] if timings["encode"] else None,
+        "seconds": timings,
+    }
+    summary.write_json(os.path.join(out_dir, summary_name))
+    return summary
