@@ -114,7 +114,8 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
     first when their tile file is missing. Finished slides are skipped; under torchrun each rank takes
     its share of the slides and its own GPU. Exit code 1 if any slide failed.
     """
-    from .encoders import get_config, list_encoders as names
+    from .encoders import get_config
+    from .encoders import list_encoders as names
 
     if list_encoders:
         for name in names():
