@@ -12,8 +12,12 @@ import os
 import click
 
 from .cohort import SlideEntry, collect_slides
+from .encode import EncodeParams, run_encode
 from .synthetic import write_synthetic_slide
 from .tiling import TileParams, run_tile
+
+#: Augmented versions and tiles per version in the demo (the paper uses 50 x 256).
+DEMO_NAUG, DEMO_NT = 4, 32
 
 #: The strip TIFF among the sample slides carries no resolution; the demo states one (the image is a
 #: downsampled crop, about 10x).
@@ -64,5 +68,10 @@ def run_demo(out_dir: str, sample_slides: str | None = None) -> int:
     click.echo(f"== tiling {len(entries)} slides at {params.mpp} µm/px, {params.tile_size} px tiles")
     summary = run_tile(entries, params, out_dir)
     click.echo(summary.table())
-    click.echo(f"demo artefacts in {os.path.abspath(out_dir)}: tiles/, qc/ (QC pictures), tile_summary.json")
-    return summary.exit_code
+    synthetic = [e for e in entries if e.slide_id.startswith("synthetic_")]
+    click.echo(f"== encoding the synthetic cohort: efficientnet-lite0, {DEMO_NAUG} augmented versions x {DEMO_NT} tiles")
+    enc = run_encode(synthetic, EncodeParams(naug=DEMO_NAUG, nt=DEMO_NT, batch_size=32, tiles=params), out_dir)
+    click.echo(enc.table())
+    click.echo(f"demo artefacts in {os.path.abspath(out_dir)}: tiles/, qc/ (QC pictures), features/, "
+               "tile_summary.json, encode_summary.json")
+    return max(summary.exit_code, enc.exit_code)

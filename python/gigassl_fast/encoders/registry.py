@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,6 @@ class EncoderConfig:
     default_weights: str | None = None
     licence: str = ""
     description: str = ""
-    aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
 _REGISTRY: dict[str, tuple[EncoderConfig, Callable[..., torch.nn.Module]]] = {}

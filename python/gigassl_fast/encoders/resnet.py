@@ -66,7 +66,7 @@ def _remap_resnet(key: str) -> str | None:
 
 @register_encoder(EncoderConfig(
     name="resnet18-l3", input_size=224, out_dim=256, default_weights=None,
-    licence="torchvision ImageNet weights: BSD-3-Clause", aliases=("resnet18",),
+    licence="torchvision ImageNet weights: BSD-3-Clause",
     description="ResNet18 to layer3 + average pooling, 256-d (the Giga-SSL paper's encoder); "
                 "--weights imagenet | PATH (torchvision or MoCo checkpoint)"))
 def resnet18_l3(weights: str | None) -> ResNet18Layer3:
