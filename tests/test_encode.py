@@ -8,8 +8,8 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import SVS
 
+from conftest import SVS
 from gigassl_fast.cohort import SlideEntry
 from gigassl_fast.encode import EncodeParams, features_path, read_features, run_encode
 from gigassl_fast.h5files import is_complete
