@@ -156,15 +156,19 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
     for a in range(aug_features.shape[0]):
         p = draw_params(gen, tile)
         aug_params[a] = p.as_row()
-        rows = slot[indices[a].numpy()]
-        for start in range(0, params.nt, params.batch_size):
+        # A tile drawn twice into one batch gets the same augmentation, hence the same features: encode
+        # each distinct tile of the batch once (saves much on slides with fewer tiles than Nt).
+        unique, inverse = np.unique(slot[indices[a].numpy()], return_inverse=True)
+        feats = np.empty((len(unique), enc.config.out_dim), np.float32)
+        for start in range(0, len(unique), params.batch_size):
             t = time.perf_counter()
-            batch = _to_float(pool[rows[start:start + params.batch_size]], enc.device, tile)
+            batch = _to_float(pool[unique[start:start + params.batch_size]], enc.device, tile)
             batch = augment(batch, p, size)
             timings["augment"] += time.perf_counter() - t
             t = time.perf_counter()
-            aug_features[a, start:start + params.batch_size] = enc(batch).numpy()
+            feats[start:start + params.batch_size] = enc(batch).numpy()
             timings["encode"] += time.perf_counter() - t
+        aug_features[a] = feats[inverse]
     return {"coords": coords.astype(np.int64), "features": features,
             "indices": indices.numpy().astype(np.int32) if n else np.zeros((0, params.nt), np.int32),
             "aug_features": aug_features, "aug_params": aug_params}
