@@ -56,12 +56,12 @@ def main() -> None:
 
     def ours():
         timings = {"read": 0.0, "augment": 0.0, "encode": 0.0}
-        for p, g in zip(paths, grids):
+        for p, g in zip(paths, grids, strict=True):
             with Slide(p) as s:
                 encode_slide(s, g.attrs, g.coords, params, enc, os.path.basename(p), timings)
 
     def reference():
-        for p, g in zip(paths, grids):
+        for p, g in zip(paths, grids, strict=True):
             with Slide(p, reader="openslide") as s:
                 reference_encode(s, g.coords, int(g.attrs["read_level"]), int(g.attrs["read_tile_size"]), 224,
                                  ref_model, args.naug, args.nt, 0, enc.config.mean, enc.config.std)
