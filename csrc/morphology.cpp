@@ -106,7 +106,11 @@ void unpack_bits(const std::uint64_t* bits, std::uint8_t* out, std::ptrdiff_t h,
   for (std::ptrdiff_t r = 0; r < h; ++r) {
     const std::uint64_t* x = bits + r * stride;
     std::uint8_t* o = out + r * w;
-    for (std::ptrdiff_t c = 0; c < w; ++c) o[c] = static_cast<std::uint8_t>((x[c >> 6] >> (c & 63)) & 1u);
+    for (std::ptrdiff_t k = 0; k * 64 < w; ++k) {
+      const std::uint64_t word = x[k];
+      const std::ptrdiff_t end = std::min<std::ptrdiff_t>(64, w - k * 64);
+      for (std::ptrdiff_t j = 0; j < end; ++j) o[k * 64 + j] = static_cast<std::uint8_t>((word >> j) & 1u);
+    }
   }
 }
 

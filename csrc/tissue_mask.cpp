@@ -124,48 +124,83 @@ GIGASSL_CLONES void gray_chunk(const std::uint8_t* px, std::ptrdiff_t n, double*
   }
 }
 
-GIGASSL_CLONES void usable_range(const std::uint8_t* src, std::ptrdiff_t w, std::ptrdiff_t r0, std::ptrdiff_t r1,
-                                 std::ptrdiff_t c0, std::ptrdiff_t c1, std::int64_t& n, double& lo, double& hi) {
+// Grey levels are computed exactly once per pixel. Each pixel keeps a 16-bit key, floor(g * 2^16), which
+// is exact (scaling by a power of two), so every grey level with key f lies in [f, f + 1) / 2^16. Any
+// comparison of g with a value E is then settled by the keys alone unless E's own key is f; only
+// those few pixels get their grey level again. Key 0 marks pixels that are not usable (usable grey
+// levels are > 0.02, so their keys are >= 1310).
+constexpr std::int64_t kFine = std::int64_t{1} << 16;
+
+inline std::uint16_t fine_key(double g) {
+  return static_cast<std::uint16_t>(std::min<std::int64_t>(static_cast<std::int64_t>(g * kFine), kFine - 1));
+}
+
+// Pass 1: keys of the interior, a histogram of usable keys, and the count, min and max of usable grey
+// levels.
+GIGASSL_CLONES void grey_keys(const std::uint8_t* src, std::ptrdiff_t w, std::ptrdiff_t r0, std::ptrdiff_t r1,
+                              std::ptrdiff_t c0, std::ptrdiff_t c1, std::uint16_t* keys,
+                              std::vector<std::uint32_t>& fine, std::int64_t& n, double& lo, double& hi) {
   std::int64_t cnt = 0;
   double mn = lo, mx = hi;
 #pragma omp parallel reduction(min : mn) reduction(max : mx) reduction(+ : cnt)
   {
-    std::array<double, kChunk> g{};
-#pragma omp for schedule(static)
-    for (std::ptrdiff_t r = r0; r < r1; ++r) {
-      for (std::ptrdiff_t c = c0; c < c1; c += kChunk) {
-        const std::ptrdiff_t len = std::min(kChunk, c1 - c);
-        gray_chunk(src + 3 * (r * w + c), len, g.data());
-        for (std::ptrdiff_t i = 0; i < len; ++i) {
-          const bool u = usable(g[i]);
-          cnt += u;
-          mn = u && g[i] < mn ? g[i] : mn;
-          mx = u && g[i] > mx ? g[i] : mx;
-        }
-      }
-    }
-  }
-  n = cnt;
-  lo = mn;
-  hi = mx;
-}
-
-GIGASSL_CLONES std::array<std::int64_t, kBins> usable_histogram(const std::uint8_t* src, std::ptrdiff_t w,
-                                                                std::ptrdiff_t r0, std::ptrdiff_t r1,
-                                                                std::ptrdiff_t c0, std::ptrdiff_t c1,
-                                                                const NumpyBins& bins) {
-  std::array<std::int64_t, kBins> counts{};
-#pragma omp parallel
-  {
-    std::array<std::int64_t, kBins> local{};
+    std::vector<std::uint32_t> local(static_cast<std::size_t>(kFine), 0);
     std::array<double, kChunk> g{};
 #pragma omp for schedule(static) nowait
     for (std::ptrdiff_t r = r0; r < r1; ++r) {
       for (std::ptrdiff_t c = c0; c < c1; c += kChunk) {
         const std::ptrdiff_t len = std::min(kChunk, c1 - c);
         gray_chunk(src + 3 * (r * w + c), len, g.data());
-        for (std::ptrdiff_t i = 0; i < len; ++i)
-          if (usable(g[i])) local[bins.index(g[i])] += 1;
+        std::uint16_t* key = keys + r * w + c;
+        for (std::ptrdiff_t i = 0; i < len; ++i) {
+          const bool u = usable(g[i]);
+          const std::uint16_t k = u ? fine_key(g[i]) : 0;
+          key[i] = k;
+          local[k] += u;
+          cnt += u;
+          mn = u && g[i] < mn ? g[i] : mn;
+          mx = u && g[i] > mx ? g[i] : mx;
+        }
+      }
+    }
+#pragma omp critical
+    for (std::int64_t f = 0; f < kFine; ++f) fine[static_cast<std::size_t>(f)] += local[static_cast<std::size_t>(f)];
+  }
+  n = cnt;
+  lo = mn;
+  hi = mx;
+}
+
+// Pass 2: the 256-bin histogram. Key buckets that hold no bin edge go whole into their bin; pixels in
+// buckets that hold an edge are binned one by one from their exact grey level.
+GIGASSL_CLONES std::array<std::int64_t, kBins> usable_histogram(const std::uint8_t* src, std::ptrdiff_t w,
+                                                                std::ptrdiff_t r0, std::ptrdiff_t r1,
+                                                                std::ptrdiff_t c0, std::ptrdiff_t c1,
+                                                                const std::uint16_t* keys,
+                                                                const std::vector<std::uint32_t>& fine,
+                                                                const NumpyBins& bins) {
+  std::vector<std::uint8_t> split(static_cast<std::size_t>(kFine), 0);
+  for (double e : bins.edges) split[fine_key(e)] = 1;
+  split[0] = 0;  // key 0 holds only unusable pixels
+  std::array<std::int64_t, kBins> counts{};
+  std::int64_t in_split = 0;
+  for (std::int64_t f = 1; f < kFine; ++f) {
+    const auto i = static_cast<std::size_t>(f);
+    if (fine[i] && !split[i]) counts[bins.index((static_cast<double>(f) + 0.5) / static_cast<double>(kFine))] += fine[i];
+    if (split[i]) in_split += fine[i];
+  }
+  if (in_split == 0) return counts;
+#pragma omp parallel
+  {
+    std::array<std::int64_t, kBins> local{};
+#pragma omp for schedule(static) nowait
+    for (std::ptrdiff_t r = r0; r < r1; ++r) {
+      const std::uint16_t* key = keys + r * w;
+      for (std::ptrdiff_t c = c0; c < c1; ++c) {
+        if (split[key[c]]) {
+          const std::uint8_t* p = src + 3 * (r * w + c);
+          local[bins.index(reference_gray(p[0], p[1], p[2]))] += 1;
+        }
       }
     }
 #pragma omp critical
@@ -174,23 +209,50 @@ GIGASSL_CLONES std::array<std::int64_t, kBins> usable_histogram(const std::uint8
   return counts;
 }
 
-GIGASSL_CLONES void below_threshold(const std::uint8_t* src, std::ptrdiff_t w, std::ptrdiff_t r0, std::ptrdiff_t r1,
-                                    std::ptrdiff_t c0, std::ptrdiff_t c1, double threshold, std::uint64_t* bits) {
+// Pass 3: bits of (usable and grey < threshold), from the keys; only pixels whose key is the
+// threshold's own need their grey level again.
+GIGASSL_CLONES void below_threshold(const std::uint8_t* src, const std::uint16_t* keys, std::ptrdiff_t w,
+                                    std::ptrdiff_t r0, std::ptrdiff_t r1, std::ptrdiff_t c0, std::ptrdiff_t c1,
+                                    double threshold, std::uint64_t* bits) {
   const std::ptrdiff_t stride = bit_stride(w);
-#pragma omp parallel
-  {
-    std::array<double, kChunk> g{};
-#pragma omp for schedule(static)
-    for (std::ptrdiff_t r = r0; r < r1; ++r) {
-      std::uint64_t* row = bits + r * stride;
-      for (std::ptrdiff_t c = c0; c < c1; c += kChunk) {
-        const std::ptrdiff_t len = std::min(kChunk, c1 - c);
-        gray_chunk(src + 3 * (r * w + c), len, g.data());
-        for (std::ptrdiff_t i = 0; i < len; ++i)
-          row[(c + i) >> 6] |= static_cast<std::uint64_t>(g[i] < threshold && g[i] > 0.02) << ((c + i) & 63);
+  const std::uint16_t kt = fine_key(threshold);
+#pragma omp parallel for schedule(static)
+  for (std::ptrdiff_t r = r0; r < r1; ++r) {
+    std::uint64_t* row = bits + r * stride;
+    const std::uint16_t* key = keys + r * w;
+    // Whole 64-pixel words at a time, built in a register; the first and last words are partial.
+    for (std::ptrdiff_t k = c0 >> 6; k <= (c1 - 1) >> 6; ++k) {
+      const std::ptrdiff_t base = k << 6;
+      const std::ptrdiff_t j0 = std::max<std::ptrdiff_t>(0, c0 - base), j1 = std::min<std::ptrdiff_t>(64, c1 - base);
+      std::uint64_t word = 0;
+      bool exact = false;
+      for (std::ptrdiff_t j = j0; j < j1; ++j) {
+        const std::uint16_t kj = key[base + j];
+        word |= static_cast<std::uint64_t>(kj != 0 && kj < kt) << j;
+        exact |= kj == kt;
       }
+      if (exact) {
+        for (std::ptrdiff_t j = j0; j < j1; ++j) {
+          if (key[base + j] == kt) {
+            const std::uint8_t* p = src + 3 * (r * w + base + j);
+            word |= static_cast<std::uint64_t>(reference_gray(p[0], p[1], p[2]) < threshold) << j;
+          }
+        }
+      }
+      row[k] = word;
     }
   }
+}
+
+struct Workspace {
+  std::vector<std::uint16_t> keys;
+  std::vector<std::uint32_t> fine;
+  std::vector<std::uint64_t> bits, scratch;
+};
+
+Workspace& workspace() {
+  thread_local Workspace ws;
+  return ws;
 }
 
 py::tuple otsu_gray_mask(const CArray<std::uint8_t>& rgb) {
@@ -203,29 +265,40 @@ py::tuple otsu_gray_mask(const CArray<std::uint8_t>& rgb) {
   {
     py::gil_scoped_release release;
     // The reference zeroes a border band (clear_border, prop=30); zero is never tissue, so only the
-    // interior is ever looked at. Grey levels are recomputed in each pass rather than stored: three
-    // multiply-adds cost less than writing and re-reading 8 bytes per pixel.
+    // interior is ever looked at (its keys stay 0).
     const std::ptrdiff_t r0 = h / 30, r1 = h - h / 30, c0 = w / 30, c1 = w - w / 30;
+    // Buffers are kept per calling thread and reused: a cohort masks one thumbnail after another,
+    // and fresh pages cost the kernel as much time as a pass over them.
+    Workspace& ws = workspace();
+    ws.keys.resize(std::max(ws.keys.size(), static_cast<std::size_t>(h * w)));
+    ws.fine.assign(static_cast<std::size_t>(kFine), 0);
+    std::uint16_t* keys = ws.keys.data();
+    std::vector<std::uint32_t>& fine = ws.fine;
     std::int64_t n = 0;
     double lo = std::numeric_limits<double>::infinity(), hi = -lo;
-    usable_range(src, w, r0, r1, c0, c1, n, lo, hi);
+    grey_keys(src, w, r0, r1, c0, c1, keys, fine, n, lo, hi);
+    bool any_below = false;
     if (n > 0 && lo == hi) {
-      threshold = lo;  // threshold_otsu of a constant image is that value
+      threshold = lo;  // threshold_otsu of a constant image is that value; no usable pixel is below it
     } else if (n > 0) {
       const NumpyBins bins(lo, hi);
-      threshold = skimage_otsu(bins, usable_histogram(src, w, r0, r1, c0, c1, bins));
+      threshold = skimage_otsu(bins, usable_histogram(src, w, r0, r1, c0, c1, keys, fine, bins));
+      any_below = true;
     }
     // The mask is bit-packed from here on: the four 2x2 passes then touch 64 pixels per operation.
     const std::size_t words = static_cast<std::size_t>(h * bit_stride(w));
-    std::vector<std::uint64_t> bits(words, 0), scratch(words);
-    if (n > 0) below_threshold(src, w, r0, r1, c0, c1, threshold, bits.data());
+    ws.bits.assign(words, 0);
+    ws.scratch.resize(std::max(ws.scratch.size(), words));
+    std::uint64_t* bits = ws.bits.data();
+    std::uint64_t* scratch = ws.scratch.data();
+    if (any_below) below_threshold(src, keys, w, r0, r1, c0, c1, threshold, bits);
     // Closing then opening with a 2x2 square. scikit-image's dilation and erosion both look at offsets
     // {0, +1}; closing and opening then apply the mirrored footprint, offsets {-1, 0}.
-    square2_filter_bits(bits.data(), bits.data(), scratch.data(), h, w, 0, true);
-    square2_filter_bits(bits.data(), bits.data(), scratch.data(), h, w, -1, false);
-    square2_filter_bits(bits.data(), bits.data(), scratch.data(), h, w, 0, false);
-    square2_filter_bits(bits.data(), bits.data(), scratch.data(), h, w, -1, true);
-    unpack_bits(bits.data(), dst, h, w);
+    square2_filter_bits(bits, bits, scratch, h, w, 0, true);
+    square2_filter_bits(bits, bits, scratch, h, w, -1, false);
+    square2_filter_bits(bits, bits, scratch, h, w, 0, false);
+    square2_filter_bits(bits, bits, scratch, h, w, -1, true);
+    unpack_bits(bits, dst, h, w);
   }
   return py::make_tuple(out, threshold);
 }
