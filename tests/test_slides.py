@@ -105,3 +105,14 @@ def test_bad_files_give_one_line_errors(tmp_path, synthetic_slide):
     assert "\n" not in str(err.value)
     with pytest.raises(SlideError, match="unknown reader"):
         Slide(tmp_path / "ok.tif", reader="bioformats").dimensions  # noqa: B018
+
+
+def test_torch_reads_equal_numpy_reads(synthetic_slide):
+    import torch
+
+    xy = np.array([[0, 0], [1000, 500]])
+    with Slide(synthetic_slide) as s:
+        t = s.backend.read_regions_torch(xy, 1, 64, 64, torch.device("cpu"))
+        a = s.backend.read_regions(xy, 1, 64, 64)
+    assert t.dtype == torch.uint8 and t.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(t.numpy(), a)

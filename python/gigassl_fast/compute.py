@@ -83,9 +83,11 @@ def compute_paths() -> list[Path]:
     paths = [Path("tile: mask + grid", core, "always")]
     cpu_reader = "cuCIM CPU reader" if _version("cucim") else "tiffslide"
     gpu, why = cucim_gpu_decode()
-    gpu_note = f"GPU decoding possible ({why}); encode, which uses it, is not built yet" if gpu else \
-        f"GPU decoding unavailable: {why}"
+    gpu_note = f"encode decodes SVS/TIFF on the GPU ({why})" if gpu else f"GPU decoding unavailable: {why}"
     paths.append(Path("slide decoding", f"{cpu_reader} for SVS/TIFF, OpenSlide for NDPI/MRXS/SCN/...", gpu_note))
+    device = cuda_device()
+    where = "the GPU, bf16, channels_last" if device else "the CPU, float32, channels_last"
+    paths.append(Path("encode: tile encoder", f"torch on {where}", device or "no CUDA device"))
     return paths
 
 

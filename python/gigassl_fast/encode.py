@@ -18,8 +18,10 @@ import os
 import time
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+import click
 import h5py
 import numpy as np
 import torch
@@ -89,6 +91,35 @@ class TileEncoder:
         self.mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1)
         self.checksum = getattr(self.model, "weights_checksum", "unknown")
+        # Tiles are decoded where the encoder runs when cuCIM can decode on that GPU; the first slide
+        # read that way is checked against CPU decoding (see `decode`).
+        from .compute import cucim_gpu_decode
+
+        gpu_ok, why = cucim_gpu_decode()
+        self.decode_on_device = self.device.type == "cuda" and gpu_ok
+        self.decode_checked = False
+        self.decode_note = f"GPU (cuCIM): {why}" if self.decode_on_device else f"CPU: {why}"
+
+    def decode(self, slide: Slide, xy: np.ndarray, level: int, size: int, workers: int) -> torch.Tensor:
+        """uint8 (N, size, size, 3) tiles on the encoder's device."""
+        backend = slide.backend
+        if not (self.decode_on_device and backend.name == "cucim"):
+            return backend.read_regions_torch(xy, level, size, size, self.device, workers)
+        if not self.decode_checked:
+            self.decode_checked = True
+            try:
+                gpu = backend.read_regions_torch(xy, level, size, size, self.device, workers)
+                cpu = backend.read_regions_torch(xy, level, size, size, torch.device("cpu"), workers)
+                diff = (gpu.cpu().float() - cpu.float()).abs().mean().item()
+                if diff > 2.0:
+                    raise GigasslError(f"GPU and CPU decoding differ by {diff:.2f} grey levels on average")
+                return gpu
+            except GigasslError as err:
+                self.decode_on_device = False
+                self.decode_note = f"CPU: GPU decoding failed its check on {slide.path} ({err})"
+                click.echo(f"warning: {self.decode_note}", err=True)
+                return backend.read_regions_torch(xy, level, size, size, self.device, workers)
+        return backend.read_regions_torch(xy, level, size, size, self.device, workers)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,9 +146,9 @@ def reuse_key(entry: SlideEntry, params: EncodeParams, checksum: str) -> dict:
             "precision": params.precision}
 
 
-def _to_float(tiles_u8: np.ndarray, device: torch.device, size: int) -> torch.Tensor:
-    """uint8 (B, s, s, 3) -> float (B, 3, size, size) in [0, 1] on `device`."""
-    x = torch.from_numpy(tiles_u8).to(device).permute(0, 3, 1, 2).float().div_(255)
+def _to_float(tiles_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, s, s, 3) -> float (B, 3, size, size) in [0, 1], on the tensor's device."""
+    x = tiles_u8.permute(0, 3, 1, 2).float().div_(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x
@@ -137,20 +168,30 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
     slot[needed] = np.arange(len(needed))
     features = np.empty((n, enc.config.out_dim), np.float16)
     level, read = int(grid_attrs["read_level"]), int(grid_attrs["read_tile_size"])
-    for start in range(0, n, params.batch_size):
-        stop = min(n, start + params.batch_size)
+    chunks = [(start, min(n, start + params.batch_size)) for start in range(0, n, params.batch_size)]
+
+    def decode(chunk: tuple[int, int]) -> tuple[torch.Tensor, float]:
         t = time.perf_counter()
-        raw = slide.backend.read_regions(coords[start:stop], level, read, read, num_workers=params.workers)
-        x = _to_float(raw, enc.device, tile)
-        timings["read"] += time.perf_counter() - t
-        keep = slot[start:stop] >= 0
-        if keep.any():
-            pool[slot[start:stop][keep]] = (x[torch.from_numpy(keep).to(x.device)] * 255).round().byte() \
-                .permute(0, 2, 3, 1).cpu().numpy()
-        t = time.perf_counter()
-        features[start:stop] = enc(x if tile == size else F.interpolate(
-            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).numpy()
-        timings["encode"] += time.perf_counter() - t
+        tiles = enc.decode(slide, coords[chunk[0]:chunk[1]], level, read, params.workers)
+        return tiles, time.perf_counter() - t
+
+    # The next chunk is decoded while this one is encoded.
+    with ThreadPoolExecutor(max_workers=1) as pool_exec:
+        pending = pool_exec.submit(decode, chunks[0]) if chunks else None
+        for i, (start, stop) in enumerate(chunks):
+            raw, seconds = pending.result()
+            if i + 1 < len(chunks):
+                pending = pool_exec.submit(decode, chunks[i + 1])
+            timings["read"] += seconds
+            x = _to_float(raw, tile)
+            keep = slot[start:stop] >= 0
+            if keep.any():
+                pool[slot[start:stop][keep]] = (x[torch.from_numpy(keep).to(x.device)] * 255).round().byte() \
+                    .permute(0, 2, 3, 1).cpu().numpy()
+            t = time.perf_counter()
+            features[start:stop] = enc(x if tile == size else F.interpolate(
+                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).numpy()
+            timings["encode"] += time.perf_counter() - t
     aug_features = np.empty((params.naug if n else 0, params.nt, enc.config.out_dim), np.float16)
     aug_params = np.empty((params.naug if n else 0, len(PARAM_COLUMNS)), np.float32)
     for a in range(aug_features.shape[0]):
@@ -162,7 +203,7 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
         feats = np.empty((len(unique), enc.config.out_dim), np.float32)
         for start in range(0, len(unique), params.batch_size):
             t = time.perf_counter()
-            batch = _to_float(pool[unique[start:start + params.batch_size]], enc.device, tile)
+            batch = _to_float(torch.from_numpy(pool[unique[start:start + params.batch_size]]).to(enc.device), tile)
             batch = augment(batch, p, size)
             timings["augment"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -264,6 +305,7 @@ def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str
         progress.update(record)
     done_tiles = sum(r.n_tiles for r in summary.records if r.status == "done")
     aug_tiles = params.naug * params.nt * sum(1 for r in summary.records if r.status == "done")
+    summary.config["decode"] = enc.decode_note
     summary.config["throughput"] = {
         "read_tiles_per_s": done_tiles / timings["read"] if timings["read"] else None,
         "augment_tiles_per_s": aug_tiles / timings["augment"] if timings["augment"] else None,

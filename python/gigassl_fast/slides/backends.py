@@ -14,10 +14,14 @@ import os
 import re
 import sys
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import SlideError
+
+if TYPE_CHECKING:
+    import torch
 
 # tifffile logs damaged-file details to stderr; the backends turn them into one SlideError line.
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)
@@ -103,6 +107,15 @@ class SlideBackend(ABC):
         for i, (x, y) in enumerate(np.asarray(xy, np.int64)):
             out[i] = self.read_region(int(x), int(y), level, width, height)
         return out
+
+    def read_regions_torch(self, xy: np.ndarray, level: int, width: int, height: int, device: torch.device,
+                           num_workers: int = 1) -> torch.Tensor:
+        """uint8 (N, height, width, 3) tensor on `device`. Decoded on the CPU and copied, unless a
+        backend decodes on the device itself."""
+        import torch
+
+        tiles = torch.from_numpy(self.read_regions(xy, level, width, height, num_workers))
+        return tiles if device.type == "cpu" else tiles.pin_memory().to(device, non_blocking=True)
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         pass
@@ -215,6 +228,31 @@ class CucimBackend(SlideBackend):
         if i != len(xy):
             raise SlideError(self.path, f"cuCIM returned {i} of {len(xy)} regions")
         return out
+
+    def read_regions_torch(self, xy: np.ndarray, level: int, width: int, height: int, device: torch.device,
+                           num_workers: int = 1) -> torch.Tensor:
+        """On a CUDA device, cuCIM decodes on the GPU (nvJPEG) and the tiles reach torch through
+        __cuda_array_interface__ without a copy to the host."""
+        if device.type != "cuda":
+            return super().read_regions_torch(xy, level, width, height, device, num_workers)
+        import cupy
+        import torch
+
+        xy = np.asarray(xy, np.int64)
+        parts = []
+        try:
+            with cupy.cuda.Device(device.index or 0):
+                batches = self._img.read_region(
+                    [tuple(map(int, p)) for p in xy], (int(width), int(height)), int(level),
+                    num_workers=max(1, int(num_workers)), batch_size=min(len(xy), 64), device="cuda")
+                for batch in batches:
+                    arr = cupy.asarray(batch)
+                    if arr.ndim == 3:
+                        arr = arr[None]
+                    parts.append(torch.as_tensor(arr[..., :3], device=device))
+        except (RuntimeError, ValueError) as err:
+            raise SlideError(self.path, f"cuCIM failed to decode on {device} ({_first_line(err)})") from None
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def close(self) -> None:
         self._img = None
