@@ -82,3 +82,36 @@ def test_imagenet_download_failure_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(GigasslError, match="could not download weights .* pass --weights PATH"):
         create_encoder("resnet18-l3", "imagenet")
+
+
+def test_timm_encoders_through_a_stand_in_timm(monkeypatch, tmp_path):
+    """timm needs torchvision, which does not install beside the CPU torch here: a stand-in module
+    with timm's create_model contract checks our side (config, head removal, weight loading)."""
+    import sys
+    import types
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 12, 4, 4)
+            self.num_features = 12
+            self.pretrained_cfg = {"input_size": (3, 96, 96), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+        def forward(self, x):
+            return self.stem(x).mean(dim=(2, 3))
+
+    fake = types.ModuleType("timm")
+    fake.create_model = lambda name, pretrained, num_classes: Tiny() if name == "tiny" else (_ for _ in ()).throw(
+        RuntimeError(f"Unknown model ({name})"))
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    cfg = get_config("timm:tiny")
+    assert (cfg.input_size, cfg.out_dim, cfg.std) == (96, 12, (0.25, 0.25, 0.25))
+    state = {**Tiny().state_dict(), "head.weight": torch.zeros(5, 12)}
+    torch.save(state, tmp_path / "tiny.pth")
+    model = create_encoder("timm:tiny", str(tmp_path / "tiny.pth"))
+    torch.testing.assert_close(model.stem.weight, state["stem.weight"])
+    assert model(torch.rand(2, 3, 96, 96)).shape == (2, 12)
+    with pytest.raises(GigasslError, match="needs --weights PATH"):
+        create_encoder("timm:tiny")
+    with pytest.raises(GigasslError, match="timm cannot build it"):
+        get_config("timm:nope")

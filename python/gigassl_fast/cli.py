@@ -103,11 +103,13 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Encoder compute precision; auto is bf16 on GPUs, float32 on CPUs (features are stored as float16).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of tile draws and augmentations.")
+@click.option("--pca", type=click.Path(dir_okay=False), default=None,
+              help="Project features with a PCA file (from `gigassl-fast pca`), e.g. wide features to 256-d.")
 @click.option("--shard", default=None, metavar="I/N", help="Process only shard I of N (0-based), e.g. for SLURM arrays.")
 @click.option("--overwrite", is_flag=True, help="Replace feature files made with other parameters.")
 @click.option("--list-encoders", is_flag=True, help="List the registered encoders and exit.")
 def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp,
-           slide_mpp, reader, batch_size, workers, device, precision, seed, shard, overwrite, list_encoders) -> None:
+           slide_mpp, reader, batch_size, workers, device, precision, seed, pca, shard, overwrite, list_encoders) -> None:
     """Tile features for each slide, plain and under Giga-SSL augmentations.
 
     SLIDES are slide files, folders, globs or a CSV manifest (slide_id,path[,mpp]). Slides are tiled
@@ -121,6 +123,7 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
         for name in names():
             c = get_config(name)
             click.echo(f"{name:<20} {c.out_dim:>5}-d  input {c.input_size}px  {c.description}")
+        click.echo(f"{'timm:<name>':<20} {'':>7}  any timm model, with --weights PATH (needs timm installed)")
         return
     if not slides or not out_dir:
         raise click.UsageError("encode needs SLIDES and --out (or --list-encoders)")
@@ -128,7 +131,7 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
     from .encode import EncodeParams, run_encode
 
     params = EncodeParams(encoder=encoder, weights=weights, naug=naug, nt=nt, batch_size=batch_size, workers=workers,
-                          device=device, precision=precision, seed=seed,
+                          device=device, precision=precision, seed=seed, pca=pca,
                           tiles=_tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp)).validate()
     shard_spec = parse_shard(shard)
     entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)
@@ -143,6 +146,23 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
         click.echo(f"throughput: {rates}")
     click.echo(f"feature files in {os.path.join(out_dir, 'features')}, summary in {os.path.join(out_dir, name)}")
     sys.exit(summary.exit_code)
+
+
+@cli.command()
+@click.argument("features_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--dim", type=click.IntRange(min=1), default=256, show_default=True, help="Components to keep.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="PCA file to write (.npz).")
+@click.option("--max-tiles", type=click.IntRange(min=1), default=200_000, show_default=True,
+              help="Tiles sampled evenly over slides for the fit.")
+def pca(features_dir, dim, out_file, max_tiles) -> None:
+    """Fit a PCA on the plain tile features of FEATURES_DIR (feature files from `encode`), for
+    `encode --pca`: e.g. encode a subset with --naug 0, fit, then encode the cohort with --pca."""
+    from .pca import fit_pca, save_pca
+
+    fitted = fit_pca(features_dir, dim, max_tiles)
+    save_pca(out_file, fitted)
+    click.echo(f"PCA {fitted['components'].shape[1]} -> {dim}, explained variance "
+               f"{fitted['explained_variance_ratio'].sum():.3f}, written to {out_file}")
 
 
 @cli.command()

@@ -52,6 +52,7 @@ class EncodeParams:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    pca: str | None = None
     tiles: TileParams = field(default_factory=TileParams)
 
     def validate(self) -> EncodeParams:
@@ -91,6 +92,15 @@ class TileEncoder:
         self.mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1)
         self.checksum = getattr(self.model, "weights_checksum", "unknown")
+        self.pca = None
+        self.out_dim = self.config.out_dim
+        if params.pca:
+            from .encoders.weights import file_checksum
+            from .pca import load_pca
+
+            self.pca = load_pca(params.pca, self.config.out_dim)
+            self.out_dim = int(self.pca["components"].shape[0])
+            self.checksum += "+pca" + file_checksum(params.pca)
         # Tiles are decoded where the encoder runs when cuCIM can decode on that GPU; the first slide
         # read that way is checked against CPU decoding (see `decode`).
         from .compute import cucim_gpu_decode
@@ -126,7 +136,12 @@ class TileEncoder:
         """float (B, 3, S, S) in [0, 1] on the device -> float32 (B, D) on the CPU."""
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(x).float().cpu()
+            feats = self.model(x).float().cpu()
+        if self.pca is not None:
+            from .pca import project
+
+            feats = torch.from_numpy(project(feats.numpy(), self.pca))
+        return feats
 
 
 def features_path(out_dir: str, slide_id: str) -> str:
@@ -166,7 +181,7 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
     pool = np.empty((len(needed), tile, tile, 3), np.uint8)  # tiles the augmented batches draw from
     slot = np.full(max(n, 1), -1, np.int64)
     slot[needed] = np.arange(len(needed))
-    features = np.empty((n, enc.config.out_dim), np.float16)
+    features = np.empty((n, enc.out_dim), np.float16)
     level, read = int(grid_attrs["read_level"]), int(grid_attrs["read_tile_size"])
     chunks = [(start, min(n, start + params.batch_size)) for start in range(0, n, params.batch_size)]
 
@@ -192,7 +207,7 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
             features[start:stop] = enc(x if tile == size else F.interpolate(
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).numpy()
             timings["encode"] += time.perf_counter() - t
-    aug_features = np.empty((params.naug if n else 0, params.nt, enc.config.out_dim), np.float16)
+    aug_features = np.empty((params.naug if n else 0, params.nt, enc.out_dim), np.float16)
     aug_params = np.empty((params.naug if n else 0, len(PARAM_COLUMNS)), np.float32)
     for a in range(aug_features.shape[0]):
         p = draw_params(gen, tile)
@@ -200,7 +215,7 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
         # A tile drawn twice into one batch gets the same augmentation, hence the same features: encode
         # each distinct tile of the batch once (saves much on slides with fewer tiles than Nt).
         unique, inverse = np.unique(slot[indices[a].numpy()], return_inverse=True)
-        feats = np.empty((len(unique), enc.config.out_dim), np.float32)
+        feats = np.empty((len(unique), enc.out_dim), np.float32)
         for start in range(0, len(unique), params.batch_size):
             t = time.perf_counter()
             batch = _to_float(torch.from_numpy(pool[unique[start:start + params.batch_size]]).to(enc.device), tile)
@@ -261,7 +276,7 @@ def encode_one(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileE
             grid = read_tile_file(tile_path(out_dir, entry.slide_id))
             with Slide(entry.path, reader=reader, mpp=entry.mpp) as slide:
                 arrays = encode_slide(slide, grid.attrs, grid.coords, params, enc, entry.slide_id, timings)
-            attrs = {**grid.attrs, **key, "format": FORMAT, "version": __version__, "out_dim": enc.config.out_dim,
+            attrs = {**grid.attrs, **key, "format": FORMAT, "version": __version__, "out_dim": enc.out_dim, "pca": params.pca,
                      "input_size": enc.config.input_size, "device": str(enc.device), "compute_precision": enc.precision,
                      "aug_param_columns": list(PARAM_COLUMNS)}
             write_features(path, arrays, attrs)

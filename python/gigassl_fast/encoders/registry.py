@@ -61,10 +61,15 @@ def list_encoders(pattern: str = "*") -> list[str]:
 
 
 def get_config(name: str) -> EncoderConfig:
+    if name.startswith("timm:"):
+        from .timm_encoders import timm_config
+
+        return timm_config(name)
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise GigasslError(f"--encoder: unknown encoder {name!r}{hint} (known: {', '.join(list_encoders())})")
+        raise GigasslError(f"--encoder: unknown encoder {name!r}{hint} (known: {', '.join(list_encoders())}, "
+                           "or timm:<name> with timm installed)")
     return _REGISTRY[name][0]
 
 
@@ -73,6 +78,10 @@ def create_encoder(name: str, weights: str | None = None) -> torch.nn.Module:
 
     The module maps float (B, 3, S, S) normalised images to (B, out_dim) features.
     """
+    if name.startswith("timm:"):
+        from .timm_encoders import create_timm_encoder
+
+        return create_timm_encoder(name, weights).eval()
     config = get_config(name)
     model = _REGISTRY[name][1](weights if weights is not None else config.default_weights)
     return model.eval()
