@@ -160,3 +160,27 @@ def test_list_encoders_and_sample_svs(sample_dir, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     d = read_features(str(tmp_path / "features" / "cmu_small_region.h5"))
     assert d["features"].shape[1] == 256 and len(d["coords"]) == 15
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(small_cohort, tmp_path, monkeypatch):
+    import errno
+
+    import gigassl_fast.encode as encode_mod
+
+    real = encode_mod.write_features
+
+    def full(path, arrays, attrs):
+        def boom(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(h5py.Group, "create_dataset", boom)
+        try:
+            real(path, arrays, attrs)
+        finally:
+            monkeypatch.undo()
+
+    monkeypatch.setattr(encode_mod, "write_features", full)
+    summary = run_encode([SlideEntry("s0", str(small_cohort / "s0.tif"))], EncodeParams(naug=1, nt=4), str(tmp_path))
+    rec = summary.records[0]
+    assert rec.status == "failed" and "No space left on device" in rec.message and "\n" not in rec.message
+    assert not list((tmp_path / "features").glob("*.h5*"))
