@@ -1,0 +1,148 @@
+"""SparseConvMIL: the Giga-SSL slide encoder, a sparse ResNet18 ``layer4`` over the tiles of a view
+(spec §4.2), reproducing SparseConvNet's outputs without depending on it.
+
+Per view, tiles are placed on a grid (level-0 location / 224, per-view minimum subtracted); coincident
+tiles are averaged; then
+
+    block 0:  a = ReLU(BN1(Conv3x3_s2(X0)));  a = BN2(Sub3x3(a));  d = BNd(Sub1x1(AvgPool3_s2(X0)) / 9 ...)
+              X1 = ReLU(a + d)
+    block 1:  a = ReLU(BN1(Sub3x3(X1)));  a = BN2(Sub3x3(a));  X2 = ReLU(a + X1)
+    output:   mean of X2 over the view's active sites -> (B, 512)
+
+Batch norm uses the statistics of all active sites of the batch in train mode, the running statistics
+in eval mode. The spatial size comes from the whole batch, as in the reference, so a view's eval output
+can depend on the batch it is in (fixtures README, observation 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rulebook as rb
+
+IN_DIM, OUT_DIM = 256, 512
+
+
+def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
+                n_out: int) -> torch.Tensor:
+    """out[dst] += x[src] @ W[tap]^T over the rule pairs; W dense (out, in, 3, 3), tap = 3 * kh + kw.
+
+    One GEMM against the 9 taps side by side, then a gather of the needed (row, tap) blocks and a
+    scatter-add into the output sites.
+    """
+    cout = weight.shape[0]
+    w = weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], cout)  # [tap, in, out]
+    y = (x @ w.permute(1, 0, 2).reshape(weight.shape[1], 9 * cout)).view(-1, 9, cout)
+    out = torch.zeros(n_out, cout, dtype=y.dtype, device=y.device)
+    return out.index_add_(0, dst, y[src, tap])
+
+
+def _segment_mean(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    sums = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, segment, x)
+    counts = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, segment, torch.ones_like(segment, dtype=x.dtype))
+    return sums / counts[:, None]
+
+
+class _Block(nn.Module):
+    """Conv weights in dense torchvision layout (out, in, kh, kw); kh runs along grid axis 0."""
+
+    def __init__(self, cin: int, cout: int, downsample: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Parameter(torch.empty(cout, cin, 3, 3))
+        self.bn1 = nn.BatchNorm1d(cout, eps=1e-5, momentum=0.1)
+        self.conv2 = nn.Parameter(torch.empty(cout, cout, 3, 3))
+        self.bn2 = nn.BatchNorm1d(cout, eps=1e-5, momentum=0.1)
+        if downsample:
+            self.convd = nn.Parameter(torch.empty(cout, cin, 1, 1))
+            self.bnd = nn.BatchNorm1d(cout, eps=1e-5, momentum=0.1)
+        for p in self.parameters():
+            if p.dim() == 4:
+                nn.init.kaiming_normal_(p, mode="fan_out", nonlinearity="relu")
+
+
+class SparseConvMIL(nn.Module):
+    """Sparse ResNet18-layer4 MIL aggregator: features (B, k, 256) float32 and level-0 locations
+    (B, k, 2) int64 (already augmented) -> pooled (B, 512).
+
+    Args:
+        exact_cells: grid cells by exact integer arithmetic instead of the reference's float32 path.
+    """
+
+    def __init__(self, exact_cells: bool = False) -> None:
+        super().__init__()
+        self.block0 = _Block(IN_DIM, OUT_DIM, downsample=True)
+        self.block1 = _Block(OUT_DIM, OUT_DIM, downsample=False)
+        self.exact_cells = exact_cells
+
+    # -- weights ---------------------------------------------------------------------------------
+    @classmethod
+    def from_resnet18(cls, state_dict: Mapping[str, torch.Tensor], exact_cells: bool = False) -> SparseConvMIL:
+        """Builds the aggregator from a torchvision-layout ResNet18 state dict (only ``layer4.*`` is
+        used), e.g. ImageNet weights to start training from, as the reference does."""
+        model = cls(exact_cells=exact_cells)
+        names = {"conv1.weight": "conv1", "conv2.weight": "conv2", "downsample.0.weight": "convd"}
+        bns = {"bn1": "bn1", "bn2": "bn2", "downsample.1": "bnd"}
+        missing = []
+        for b, block in enumerate((model.block0, model.block1)):
+            for src, dst in names.items():
+                if dst == "convd" and b == 1:
+                    continue
+                key = f"layer4.{b}.{src}"
+                if key not in state_dict:
+                    missing.append(key)
+                    continue
+                getattr(block, dst).data.copy_(state_dict[key])
+            for src, dst in bns.items():
+                if dst == "bnd" and b == 1:
+                    continue
+                bn = getattr(block, dst)
+                for field in ("weight", "bias", "running_mean", "running_var"):
+                    key = f"layer4.{b}.{src}.{field}"
+                    if key not in state_dict:
+                        missing.append(key)
+                        continue
+                    getattr(bn, field).data.copy_(state_dict[key])
+        if missing:
+            from ..errors import GigasslError
+
+            raise GigasslError(f"ResNet18 state dict lacks {', '.join(missing[:5])}"
+                               f"{' ...' if len(missing) > 5 else ''} ({len(missing)} keys)")
+        return model
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, features: torch.Tensor, locations: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+        """(B, 512) pooled output. `trace`, if a dict, receives the intermediate sparse tensors."""
+        b = features.shape[0]
+        cells = rb.grid_cells(locations, exact=self.exact_cells)
+        size = rb.spatial_size(cells)
+        inp, tile_site = rb.input_sites(cells, size)
+        x0 = _segment_mean(features.reshape(-1, features.shape[-1]), tile_site, len(inp.keys))
+
+        out_sites, src, dst, tap = rb.strided_rules(inp)
+        n1 = len(out_sites.keys)
+        blk = self.block0
+        c1 = _tap_matmul(x0, blk.conv1, src, dst, tap, n1)
+        pooled = torch.zeros(n1, x0.shape[1], dtype=x0.dtype, device=x0.device).index_add_(0, dst, x0[src]) / 9
+        s_src, s_dst, s_tap = rb.submanifold_rules(out_sites)
+
+        a = F.relu(blk.bn1(c1))
+        a = blk.bn2(_tap_matmul(a, blk.conv2, s_src, s_dst, s_tap, n1))
+        d = blk.bnd(pooled @ blk.convd[:, :, 0, 0].T)
+        x1 = F.relu(a + d)
+        blk = self.block1
+        a = F.relu(blk.bn1(_tap_matmul(x1, blk.conv1, s_src, s_dst, s_tap, n1)))
+        a = blk.bn2(_tap_matmul(a, blk.conv2, s_src, s_dst, s_tap, n1))
+        x2 = F.relu(a + x1)
+        out = _segment_mean(x2, out_sites.sites[:, 0], b)
+        if trace is not None:
+            trace.update(cells=cells, spatial_size=size, in_sites=inp.sites, in_feats=x0, conv1_sites=out_sites.sites,
+                         conv1_out=c1, avgpool_out=pooled, block1_out=x2)
+        return out
+
+    def bn_layers(self) -> list[nn.BatchNorm1d]:
+        """In the fixtures' ``bn_order``: block0 norm1, norm2, normd; block1 norm1, norm2."""
+        return [self.block0.bn1, self.block0.bn2, self.block0.bnd, self.block1.bn1, self.block1.bn2]
