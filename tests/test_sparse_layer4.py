@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 
+from conftest import ROOT
 from gigassl_fast import SparseConvMIL
 from gigassl_fast.aggregators import rulebook as rb
 
