@@ -165,6 +165,61 @@ def pca(features_dir, dim, out_file, max_tiles) -> None:
                f"{fitted['explained_variance_ratio'].sum():.3f}, written to {out_file}")
 
 
+@cli.command(name="pack")
+@click.argument("features_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Store file to write (.h5).")
+def pack_cmd(features_dir, out_file) -> None:
+    """Pack every feature file of FEATURES_DIR (from `encode`) into one store for `train`."""
+    from .pack import pack
+
+    info = pack(features_dir, out_file)
+    for f, why in info["skipped"]:
+        click.echo(f"skipped {f}: {why}", err=True)
+    click.echo(f"{info['slides']} slides, {info['tiles']} tiles, {info['naug']} x {info['nt']} augmented tiles of "
+               f"{info['dim']}-d per slide -> {out_file}")
+
+
+@cli.command(name="train")
+@click.argument("store", type=click.Path(dir_okay=False, exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, log).")
+@click.option("--aggregator", type=click.Choice(["sparse-layer4", "mlp", "abmil"]), default="sparse-layer4",
+              show_default=True, help="Slide encoder: the paper's sparse ResNet18-layer4, or non-spatial MIL.")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Slides per step (per process under torchrun).")
+@click.option("--tiles-per-view", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--lr", "base_lr", type=_POSITIVE, default=0.03, show_default=True, help="Adam lr for a batch of 256 (scaled).")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Adam weight decay. The reference's config says 5e-4 but never passes it to Adam, hence 0.")
+@click.option("--resnet18-weights", default=None,
+              help="Start sparse-layer4 from a torchvision ResNet18 (layer4.*): a path, or 'imagenet' (downloaded).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs.")
+@click.option("--sync-bn", is_flag=True, help="Batch-norm statistics over all processes (torchrun).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoint_last.pt.")
+@click.option("--stop-at-epoch", type=click.IntRange(min=1), default=None,
+              help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
+def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, base_lr, warmup_epochs, weight_decay,
+              resnet18_weights, checkpoint_every, sync_bn, device, seed, resume, stop_at_epoch) -> None:
+    """Slide-level SimCLR on a packed STORE (from `pack`); one process per GPU under torchrun."""
+    import torch.distributed as dist
+
+    from .train import TrainParams, train
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        import torch
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    params = TrainParams(aggregator=aggregator, epochs=epochs, batch_size=batch_size, tiles_per_view=tiles_per_view,
+                         base_lr=base_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed,
+                         checkpoint_every=checkpoint_every, resnet18_weights=resnet18_weights, sync_bn=sync_bn,
+                         device=device, stop_at_epoch=stop_at_epoch)
+    result = train(store, out_dir, params, resume=resume, log=lambda m: click.echo(m, err=True))
+    click.echo(f"{result['steps']} steps, last loss {result['last_loss']:.4f}; checkpoint {result['checkpoint']}")
+
+
 @cli.command()
 def info() -> None:
     """Versions, devices, and the compute path each stage takes here."""

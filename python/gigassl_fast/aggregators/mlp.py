@@ -1,0 +1,48 @@
+"""Aggregators without a spatial model: the reference's residual MLP (spec §7.2) and gated attention
+MIL. Both take features (B, k, D) (locations are ignored) and give (B, 512)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(cin, cout), nn.ReLU(), nn.Dropout(dropout), nn.BatchNorm1d(cout),
+                                  nn.Linear(cout, cout), nn.Dropout(dropout), nn.BatchNorm1d(cout))
+        self.skip = nn.Sequential(nn.Linear(cin, cout), nn.BatchNorm1d(cout)) if cin != cout else nn.Identity()
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.main(x) + self.skip(x))
+
+
+class ResidualMLP(nn.Module):
+    """Tile-wise residual MLP (D -> 512 -> 512), then the mean over the view's tiles."""
+
+    def __init__(self, in_dim: int = 256, dim: int = 512) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(ResidualMLPBlock(in_dim, dim), ResidualMLPBlock(dim, dim))
+
+    def forward(self, features: torch.Tensor, locations: torch.Tensor | None = None) -> torch.Tensor:
+        b, k, d = features.shape
+        return self.blocks(features.reshape(b * k, d)).view(b, k, -1).mean(dim=1)
+
+
+class GatedAttentionMIL(nn.Module):
+    """Gated attention MIL (Ilse et al. 2018): tile embedding, attention weights softmaxed per view,
+    weighted sum."""
+
+    def __init__(self, in_dim: int = 256, dim: int = 512, att_dim: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
+        self.v = nn.Linear(dim, att_dim)
+        self.u = nn.Linear(dim, att_dim)
+        self.w = nn.Linear(att_dim, 1)
+
+    def forward(self, features: torch.Tensor, locations: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(features)  # (B, k, dim)
+        a = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).softmax(dim=1)  # (B, k, 1)
+        return (a * h).sum(dim=1)

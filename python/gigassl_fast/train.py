@@ -1,0 +1,200 @@
+"""The train stage: slide-level SimCLR on a packed store (spec §4).
+
+Each step draws B slides, two independent views of each (``views.sample_views``), runs the two view
+batches through the model in two separate forwards (batch-norm statistics per view batch, as the
+reference), and minimises NT-Xent (T = 0.05). Adam at lr = base_lr * B / 256 with a linear warm-up over
+the first epochs and cosine decay to 0, per step. Weight decay is off by default: the reference's
+config sets 5e-4 but never passes it to Adam.
+
+Outputs in RUN: ``checkpoint_eNNNN.pt`` (every --checkpoint-every epochs), ``checkpoint_last.pt``,
+``log.jsonl`` (one line per step), ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .errors import GigasslError
+from .pack import Store
+from .ssl import AGGREGATORS, SimCLRMIL, build_aggregator, nt_xent
+from .views import sample_views
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    aggregator: str = "sparse-layer4"
+    epochs: int = 100
+    batch_size: int = 256
+    tiles_per_view: int = 5
+    base_lr: float = 0.03
+    warmup_epochs: int = 10
+    weight_decay: float = 0.0
+    temperature: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 10
+    resnet18_weights: str | None = None
+    sync_bn: bool = False
+    device: str = "auto"
+    stop_at_epoch: int | None = None
+
+    def validate(self) -> TrainParams:
+        if self.aggregator not in AGGREGATORS:
+            raise GigasslError(f"--aggregator must be one of {', '.join(AGGREGATORS)} (got {self.aggregator!r})")
+        for name in ("epochs", "batch_size", "tiles_per_view", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise GigasslError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.batch_size < 2:
+            raise GigasslError(f"--batch-size must be >= 2 for a contrastive loss (got {self.batch_size})")
+        if not self.base_lr > 0:
+            raise GigasslError(f"--lr must be > 0 (got {self.base_lr})")
+        return self
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if dist.is_initialized() and torch.cuda.is_available():
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def learning_rate(step: int, steps_per_epoch: int, p: TrainParams, world: int = 1) -> float:
+    lr = p.base_lr * p.batch_size * world / 256
+    warm = p.warmup_epochs * steps_per_epoch
+    total = p.epochs * steps_per_epoch
+    if step < warm:
+        return lr * step / warm
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _atomic_save(obj: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise GigasslError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "params" not in ckpt:
+        raise GigasslError(f"{path}: not a gigassl-fast training checkpoint")
+    return ckpt
+
+
+def build_model(aggregator: str, in_dim: int, resnet18_weights: str | None = None) -> SimCLRMIL:
+    state = None
+    if resnet18_weights:
+        from .encoders.weights import load_checkpoint as load_weights
+        from .encoders.weights import resolve_weights
+
+        url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+        state = load_weights(resolve_weights(url if resnet18_weights == "imagenet" else resnet18_weights))
+    return SimCLRMIL(build_aggregator(aggregator, in_dim, state))
+
+
+def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = False, log=print) -> dict:
+    """Trains and returns {'checkpoint': path, 'steps': n, 'last_loss': x}."""
+    params.validate()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = _device(params.device)
+    store = Store(store_path, device)
+    global_batch = params.batch_size * world
+    if store.n_slides < global_batch:
+        raise GigasslError(f"{store_path}: {store.n_slides} slides, fewer than the batch of {global_batch}; "
+                           f"use --batch-size <= {store.n_slides // world}")
+    os.makedirs(out_dir, exist_ok=True)
+    last = os.path.join(out_dir, "checkpoint_last.pt")
+    torch.manual_seed(params.seed)  # parameter initialisation; sampling uses its own generators below
+    model = build_model(params.aggregator, store.dim, params.resnet18_weights).to(device)
+    if params.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.0, weight_decay=params.weight_decay)
+    gen = torch.Generator(device="cpu").manual_seed(params.seed * 7919 + rank)
+    order_gen = torch.Generator().manual_seed(params.seed)  # same slide order on every rank
+    start_epoch, step = 0, 0
+    if resume:
+        if not os.path.exists(last):
+            raise GigasslError(f"--resume: no {last} to resume from")
+        ckpt = load_checkpoint(last)
+        if ckpt["params"]["aggregator"] != params.aggregator:
+            raise GigasslError(f"{last}: trained with --aggregator {ckpt['params']['aggregator']}, not {params.aggregator}")
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        order_gen.set_state(ckpt["order_rng"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+    elif os.path.exists(last):
+        raise GigasslError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
+    if rank == 0:
+        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump({"params": asdict(params), "store": os.path.abspath(store_path), "world_size": world,
+                       "store_attrs": {k: v for k, v in store.attrs.items() if isinstance(v, (int, float, str))},
+                       "version": __version__}, fh, indent=2)
+    steps_per_epoch = store.n_slides // global_batch
+    log_path = os.path.join(out_dir, "log.jsonl")
+    collapse_ema = None
+    last_loss = float("nan")
+    model.train()
+    end_epoch = min(params.epochs, params.stop_at_epoch or params.epochs)
+    for epoch in range(start_epoch, end_epoch):
+        perm = torch.randperm(store.n_slides, generator=order_gen)
+        for it in range(steps_per_epoch):
+            t0 = time.perf_counter()
+            batch = perm[it * global_batch:(it + 1) * global_batch][rank * params.batch_size:(rank + 1) * params.batch_size]
+            lr = learning_rate(step, steps_per_epoch, params, world)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            f1, l1 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device)
+            f2, l2 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device)
+            z1 = model(f1, l1)
+            z2 = model(f2, l2)
+            loss = nt_xent(z1, z2, params.temperature)
+            if not torch.isfinite(loss):
+                good = last if os.path.exists(last) else "none yet"
+                raise GigasslError(f"loss became {loss.item()} at step {step} (epoch {epoch}); last good checkpoint: "
+                                   f"{good}; try a lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # each rank holds world x its share of the global gradient (see ssl.gather_with_grad)
+                for p in model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            opt.step()
+            step += 1
+            last_loss = loss.item()
+            with torch.no_grad():
+                std = torch.nn.functional.normalize(z1, dim=1).std(dim=0).mean().item()
+            collapse_ema = std if collapse_ema is None else 0.99 * collapse_ema + 0.01 * std
+            collapse = max(0.0, 1 - math.sqrt(z1.shape[1]) * collapse_ema)
+            rate = 2 * global_batch / (time.perf_counter() - t0)
+            if rank == 0:
+                with open(log_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"epoch": epoch, "step": step, "loss": last_loss, "lr": lr, "views_per_s": rate,
+                                         "collapse": collapse}) + "\n")
+        if rank == 0:
+            state = {"epoch": epoch + 1, "step": step, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                     "rng": [gen.get_state()], "order_rng": order_gen.get_state(), "params": asdict(params),
+                     "in_dim": store.dim, "store_attrs": {k: v for k, v in store.attrs.items()
+                                                          if isinstance(v, (int, float, str))}, "version": __version__}
+            if world > 1:
+                states = [None] * world
+                dist.all_gather_object(states, gen.get_state())
+                state["rng"] = states
+            if (epoch + 1) % params.checkpoint_every == 0:
+                _atomic_save(state, os.path.join(out_dir, f"checkpoint_e{epoch + 1:04d}.pt"))
+            _atomic_save(state, last)
+            log(f"epoch {epoch + 1}/{params.epochs}  loss {last_loss:.4f}  lr {lr:.2e}  collapse {collapse:.3f}")
+        elif world > 1:
+            dist.all_gather_object([None] * world, gen.get_state())
+    return {"checkpoint": last, "steps": step, "last_loss": last_loss}

@@ -1,0 +1,146 @@
+import json
+import math
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from gigassl_fast.errors import GigasslError
+from gigassl_fast.pack import Store, pack
+from gigassl_fast.ssl import build_aggregator, nt_xent
+from gigassl_fast.train import TrainParams, learning_rate
+from gigassl_fast.views import sample_views, spatial_augment
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "gigassl_fast", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """6 synthetic slides encoded with resnet18-l3 (random weights, 256-d), packed."""
+    from gigassl_fast.synthetic import write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("train")
+    for i in range(6):
+        write_synthetic_slide(root / "slides" / f"s{i}.tif" if False else root / f"s{i}.tif", 2048, 1536, mpp=0.5,
+                              seed=40 + i)
+    r = cli("encode", root, "--out", root / "out", "--encoder", "resnet18-l3", "--weights", "random", "--naug", "3",
+            "--nt", "16", "--tile-size", "112")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("pack", root / "out" / "features", "--out", root / "store.h5")
+    assert r.returncode == 0 and "6 slides" in r.stdout, r.stdout + r.stderr
+    return root
+
+
+def test_store_holds_every_slide(store):
+    from gigassl_fast.encode import read_features
+
+    s = Store(str(store / "store.h5"))
+    assert s.n_slides == 6 and s.dim == 256 and s.aug_features.shape == (6, 3, 16, 256)
+    with h5py.File(store / "store.h5") as fh:
+        offsets = fh["offsets"][:]
+        for i, sid in enumerate(s.ids):
+            d = read_features(str(store / "out" / "features" / f"{sid}.h5"))
+            np.testing.assert_array_equal(fh["coords"][offsets[i]:offsets[i + 1]], d["coords"])
+            np.testing.assert_array_equal(s.aug_features[i].numpy(), d["aug_features"])
+            np.testing.assert_array_equal(s.aug_coords[i].numpy(), d["coords"][d["aug_indices"]])
+
+
+def test_mixed_folder_is_an_error(store, tmp_path):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(store / "out" / "features", mixed)
+    with h5py.File(mixed / "s0.h5", "a") as fh:
+        fh.attrs["nt"] = 99
+    with pytest.raises(GigasslError, match="made with other settings .*nt"):
+        pack(str(mixed), str(tmp_path / "x.h5"))
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_views_gather_the_right_tiles_and_augment_coordinates():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 3, 7, 8, dtype=torch.float16)
+    coords = torch.randint(0, 10**5, (4, 3, 7, 2))
+    f, l = sample_views(feats, coords, torch.tensor([2, 0]), 5, gen, torch.device("cpu"))
+    assert f.shape == (2, 5, 8) and f.dtype == torch.float32 and l.shape == (2, 5, 2) and l.dtype == torch.int64
+    rows = {tuple(r.tolist()) for a in range(3) for r in feats[2, a].float()}
+    assert all(tuple(r.tolist()) in rows for r in f[0])
+    # spatial augmentation preserves distances up to the per-axis scaling (0.7-1.3) and truncation
+    p = torch.tensor([[[0, 0], [896, 0], [0, 896], [896, 896], [448, 448]]] * 500)
+    q = spatial_augment(p, torch.Generator().manual_seed(1)).double()
+    d = (q[:, 1] - q[:, 0]).norm(dim=1)
+    assert d.min() > 0.7 * 896 - 3 and d.max() < 1.3 * 896 + 3
+    assert q.std(dim=0).mean() > 100  # rotations and translations vary per view
+
+
+def test_nt_xent_matches_the_definition():
+    z1, z2 = torch.randn(6, 16), torch.randn(6, 16)
+    u = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    n, total = 6, 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        logits = torch.tensor([u[i] @ u[m] / 0.05 for m in range(2 * n) if m != i])
+        pos = u[i] @ u[j] / 0.05
+        total += -(pos - torch.logsumexp(logits, 0))
+    assert nt_xent(z1, z2, 0.05).item() == pytest.approx(total.item() / (2 * n), rel=1e-5)
+
+
+def test_learning_rate_schedule():
+    p = TrainParams(epochs=20, warmup_epochs=10, batch_size=128, base_lr=0.03)
+    lrs = [learning_rate(s, 5, p) for s in range(100)]
+    assert lrs[0] == 0 and lrs[25] == pytest.approx(0.015 * 0.5) and lrs[50] == pytest.approx(0.015)
+    assert lrs[75] == pytest.approx(0.015 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs[50:], lrs[51:], strict=False))
+
+
+@pytest.mark.parametrize("name", ["sparse-layer4", "mlp", "abmil"])
+def test_aggregators_shapes_and_gradients(name):
+    agg = build_aggregator(name, 256).train()
+    f = torch.randn(4, 5, 256, requires_grad=True)
+    loc = torch.randint(0, 20000, (4, 5, 2))
+    out = agg(f, loc)
+    assert out.shape == (4, 512)
+    out.sum().backward()
+    assert f.grad is not None and torch.isfinite(f.grad).all()
+
+
+def test_train_resume_continues_exactly(store, tmp_path):
+    common = ["--batch-size", 4, "--epochs", 4, "--warmup-epochs", 1, "--checkpoint-every", 1]
+    r = cli("train", store / "store.h5", "--out", tmp_path / "full", *common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("train", store / "store.h5", "--out", tmp_path / "split", *common, "--stop-at-epoch", 2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("train", store / "store.h5", "--out", tmp_path / "split", *common)
+    assert r.returncode == 2 and "--resume" in r.stderr  # nothing overwritten
+    r = cli("train", store / "store.h5", "--out", tmp_path / "split", *common, "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    assert len(losses("full")) == 4 and losses("full") == losses("split")
+    ckpt = torch.load(tmp_path / "full" / "checkpoint_last.pt", weights_only=False)
+    assert ckpt["epoch"] == 4 and ckpt["params"]["aggregator"] == "sparse-layer4"
+    assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint_e*.pt")) == [f"checkpoint_e000{i}.pt" for i in range(1, 5)]
+
+
+def test_train_bad_inputs(store, tmp_path):
+    r = cli("train", store / "store.h5", "--out", tmp_path / "a", "--batch-size", 8)
+    assert r.returncode == 2 and "fewer than the batch of 8" in r.stderr
+    r = cli("train", store / "store.h5", "--out", tmp_path / "b", "--batch-size", 4, "--epochs", 1)
+    assert r.returncode == 0
+    r = cli("train", store / "store.h5", "--out", tmp_path / "b", "--batch-size", 4, "--epochs", 2, "--resume",
+            "--aggregator", "mlp")
+    assert r.returncode == 2 and "trained with --aggregator sparse-layer4" in r.stderr
+    (tmp_path / "b" / "checkpoint_last.pt").write_bytes(b"garbage")
+    r = cli("train", store / "store.h5", "--out", tmp_path / "b", "--batch-size", 4, "--epochs", 2, "--resume")
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    r = cli("train", tmp_path / "junk.h5", "--out", tmp_path / "c")
+    assert r.returncode == 2 and "not a readable store" in r.stderr
