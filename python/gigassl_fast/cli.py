@@ -217,7 +217,8 @@ def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, ba
                          checkpoint_every=checkpoint_every, resnet18_weights=resnet18_weights, sync_bn=sync_bn,
                          device=device, stop_at_epoch=stop_at_epoch)
     result = train(store, out_dir, params, resume=resume, log=lambda m: click.echo(m, err=True))
-    click.echo(f"{result['steps']} steps, last loss {result['last_loss']:.4f}; checkpoint {result['checkpoint']}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        click.echo(f"{result['steps']} steps, last loss {result['last_loss']:.4f}; checkpoint {result['checkpoint']}")
 
 
 @cli.command()

@@ -8,6 +8,7 @@ from torch import nn
 
 from .aggregators import SparseConvMIL
 from .aggregators.mlp import GatedAttentionMIL, ResidualMLP
+from .distributed import gather_with_grad
 from .errors import GigasslError
 
 AGGREGATORS = ("sparse-layer4", "mlp", "abmil")
@@ -42,17 +43,6 @@ class SimCLRMIL(nn.Module):
 
     def forward(self, features: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(features, locations))
-
-
-def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows of `z`, gradients flowing back to each rank's own rows (single process: `z`)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return z
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(z), dim=0)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:

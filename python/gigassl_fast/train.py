@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
+from .distributed import convert_global_bn
 from .errors import GigasslError
 from .pack import Store
 from .ssl import AGGREGATORS, SimCLRMIL, build_aggregator, nt_xent
@@ -102,6 +103,29 @@ def build_model(aggregator: str, in_dim: int, resnet18_weights: str | None = Non
     return SimCLRMIL(build_aggregator(aggregator, in_dim, state))
 
 
+def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Tensor],
+                     view2: tuple[torch.Tensor, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two separate forwards (batch-norm statistics per view batch), NT-Xent over the global batch,
+    backward, and under torch.distributed the gradient of the global loss on every rank.
+
+    Returns (loss, z1). Each rank computes the same global loss; all_gather's backward sums every
+    rank's gradient into each rank's own rows, so each rank holds world x its share, and averaging
+    over ranks gives the full gradient, as one process with the whole batch would.
+    """
+    z1 = model(*view1)
+    z2 = model(*view2)
+    loss = nt_xent(z1, z2, temperature)
+    if torch.isfinite(loss):
+        loss.backward()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+    return loss.detach(), z1.detach()
+
+
 def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = False, log=print) -> dict:
     """Trains and returns {'checkpoint': path, 'steps': n, 'last_loss': x}."""
     params.validate()
@@ -117,7 +141,10 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     torch.manual_seed(params.seed)  # parameter initialisation; sampling uses its own generators below
     model = build_model(params.aggregator, store.dim, params.resnet18_weights).to(device)
     if params.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_global_bn(model)
+        for m in model.modules():
+            if hasattr(m, "sync_spatial_size"):
+                m.sync_spatial_size = True
     opt = torch.optim.Adam(model.parameters(), lr=0.0, weight_decay=params.weight_decay)
     gen = torch.Generator(device="cpu").manual_seed(params.seed * 7919 + rank)
     order_gen = torch.Generator().manual_seed(params.seed)  # same slide order on every rank
@@ -156,20 +183,12 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
                 g["lr"] = lr
             f1, l1 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device)
             f2, l2 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device)
-            z1 = model(f1, l1)
-            z2 = model(f2, l2)
-            loss = nt_xent(z1, z2, params.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss, z1 = contrastive_step(model, (f1, l1), (f2, l2), params.temperature)
             if not torch.isfinite(loss):
                 good = last if os.path.exists(last) else "none yet"
                 raise GigasslError(f"loss became {loss.item()} at step {step} (epoch {epoch}); last good checkpoint: "
                                    f"{good}; try a lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:  # each rank holds world x its share of the global gradient (see ssl.gather_with_grad)
-                for p in model.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
             opt.step()
             step += 1
             last_loss = loss.item()

@@ -70,6 +70,9 @@ class SparseConvMIL(nn.Module):
 
     Args:
         exact_cells: grid cells by exact integer arithmetic instead of the reference's float32 path.
+
+    ``sync_spatial_size`` (set by ``train --sync-bn`` under torch.distributed) takes the spatial size over
+    every process's batch, so that several processes compute what one would with the whole batch.
     """
 
     def __init__(self, exact_cells: bool = False) -> None:
@@ -77,6 +80,7 @@ class SparseConvMIL(nn.Module):
         self.block0 = _Block(IN_DIM, OUT_DIM, downsample=True)
         self.block1 = _Block(OUT_DIM, OUT_DIM, downsample=False)
         self.exact_cells = exact_cells
+        self.sync_spatial_size = False
 
     # -- weights ---------------------------------------------------------------------------------
     @classmethod
@@ -119,6 +123,8 @@ class SparseConvMIL(nn.Module):
         b = features.shape[0]
         cells = rb.grid_cells(locations, exact=self.exact_cells)
         size = rb.spatial_size(cells)
+        if self.sync_spatial_size and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
         inp, tile_site = rb.input_sites(cells, size)
         x0 = _segment_mean(features.reshape(-1, features.shape[-1]), tile_site, len(inp.keys))
 

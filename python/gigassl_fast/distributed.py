@@ -1,0 +1,77 @@
+"""torch.distributed helpers that work on CPUs (gloo) as on GPUs (NCCL): gathering with gradients and a
+batch norm whose statistics span every process (torch's SyncBatchNorm runs on GPUs only)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _functional():
+    """torch.distributed.nn.functional (differentiable collectives), its deprecation notice silenced:
+    the suggested replacement is a private module."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.distributed.nn import functional
+    return functional
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows of `z`, in rank order; gradients flow back to each rank's own rows."""
+    if not active():
+        return z
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(_functional().all_gather(z), dim=0)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d on (N, C) whose training statistics are those of all processes' rows together:
+    mean and biased variance from all-reduced sums (differentiable), running variance updated with
+    the unbiased estimate, as one process with the whole batch would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and active()):
+            return super().forward(x)
+        import warnings
+
+        c = x.shape[1]
+        count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = _functional().all_reduce(torch.cat([x.sum(0), (x * x).sum(0), count]))
+        n = stats[2 * c]
+        mean = stats[:c] / n
+        var = stats[c:2 * c] / n - mean * mean
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+            self.num_batches_tracked += 1
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
+def convert_global_bn(module: nn.Module) -> nn.Module:
+    """Replaces every BatchNorm1d in `module` by a GlobalBatchNorm1d with the same state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats).to(child.weight.device if child.affine else "cpu")
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_global_bn(child)
+    return module
+
+
+__all__ = ["GlobalBatchNorm1d", "active", "convert_global_bn", "gather_with_grad"]
