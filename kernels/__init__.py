@@ -1,5 +1,5 @@
 """Triton kernels, each beside the pure-torch twin that defines what it computes.
 
 Installed as ``gigassl_fast.kernels``. Triton is imported inside the launchers, so this package
-imports on machines without a GPU or Triton.
+imports on machines without a GPU or Triton; ``availability.triton_status()`` says which path runs.
 """

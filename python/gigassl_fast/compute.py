@@ -88,6 +88,10 @@ def compute_paths() -> list[Path]:
     device = cuda_device()
     where = "the GPU, bf16, channels_last" if device else "the CPU, float32, channels_last"
     paths.append(Path("encode: tile encoder", f"torch on {where}", device or "no CUDA device"))
+    from .kernels.availability import triton_status
+
+    ok, why = triton_status()
+    paths.append(Path("train: sparse-layer4", "Triton tap-scatter kernels" if ok else "torch twins of the kernels", why))
     return paths
 
 

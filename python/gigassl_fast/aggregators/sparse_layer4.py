@@ -34,11 +34,12 @@ def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: t
     One GEMM against the 9 taps side by side, then a gather of the needed (row, tap) blocks and a
     scatter-add into the output sites.
     """
+    from ..kernels.sparse_bag import tap_scatter
+
     cout = weight.shape[0]
     w = weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], cout)  # [tap, in, out]
     y = (x @ w.permute(1, 0, 2).reshape(weight.shape[1], 9 * cout)).view(-1, 9, cout)
-    out = torch.zeros(n_out, cout, dtype=y.dtype, device=y.device)
-    return out.index_add_(0, dst, y[src, tap])
+    return tap_scatter(y, src, dst, tap, n_out)
 
 
 def _segment_mean(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:

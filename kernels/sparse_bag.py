@@ -1,0 +1,126 @@
+"""Sparse-bag kernels for the sparse ResNet18-layer4, each beside its torch twin.
+
+``gather_gemm``: Y = X[rows] @ W. The rows a view sampler picked are read straight from the packed store
+X (T, D) and multiplied by the first layer's 9 tap matrices side by side (W: D x 9C), with no (B, k, D)
+copy in memory.
+
+``tap_scatter``: out[o] = sum over rule pairs (i, o, tap) of Y[i, tap] (Y: N_in x 9 x C), i.e. a sparse
+3x3 convolution once the dense GEMM is done. Pairs are grouped by output site (CSR), so each output is
+summed by one program in a fixed order: deterministic, no atomics.
+
+The twins define what the kernels compute and are the CPU path; autograd goes through custom
+Functions whose backward passes are torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .availability import use_triton
+
+# ---------------------------------------------------------------------------------------------- twins
+
+
+def gather_gemm_reference(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """float32 (len(rows), N): x[rows] @ w, computed in float32."""
+    return x[rows].float() @ w.float()
+
+
+def tap_scatter_reference(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
+                          n_out: int) -> torch.Tensor:
+    """(n_out, C): out[dst[p]] += y[src[p], tap[p]] for every pair p; y is (N_in, 9, C)."""
+    out = torch.zeros(n_out, y.shape[2], dtype=y.dtype, device=y.device)
+    return out.index_add_(0, dst, y[src, tap])
+
+
+# -------------------------------------------------------------------------------------------- kernels
+
+def _kernels():
+    from . import _sparse_bag_triton
+
+    return {"gather_gemm": _sparse_bag_triton.gather_gemm_kernel, "tap_scatter": _sparse_bag_triton.tap_scatter_kernel}
+
+
+def gather_gemm_triton(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ieee: bool = False) -> torch.Tensor:
+    import triton
+
+    m, k, n = rows.shape[0], x.shape[1], w.shape[1]
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    x, w, rows = x.contiguous(), w.contiguous(), rows.contiguous()
+    bm, bn, bk = 64, 128, 32
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _kernels()["gather_gemm"][grid](x, rows, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee)
+    return y
+
+
+def _csr(dst: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Order of the pairs by output site and the CSR pointer (n_out + 1,)."""
+    order = torch.argsort(dst, stable=True)
+    counts = torch.bincount(dst, minlength=n_out)
+    ptr = torch.zeros(n_out + 1, dtype=torch.int64, device=dst.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return order, ptr, int(counts.max().item()) if n_out else 0
+
+
+def tap_scatter_triton(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
+                       n_out: int) -> torch.Tensor:
+    import triton
+
+    y = y.contiguous()
+    c = y.shape[2]
+    order, ptr, max_pairs = _csr(dst, n_out)
+    out = torch.empty(n_out, c, dtype=torch.float32, device=y.device)
+    if n_out == 0:
+        return out
+    bo, bc = 32, 128
+    grid = (triton.cdiv(n_out, bo), triton.cdiv(c, bc))
+    _kernels()["tap_scatter"][grid](y, ptr, src[order].contiguous(), tap[order].contiguous(), out, n_out, c,
+                                    y.stride(0), y.stride(1), out.stride(0),
+                                    MAX_PAIRS=triton.next_power_of_2(max(max_pairs, 1)), BLOCK_O=bo, BLOCK_C=bc)
+    return out.to(y.dtype)
+
+
+# ------------------------------------------------------------------------------------------ autograd
+
+
+class _GatherGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rows, w):
+        ctx.save_for_backward(x, rows, w)
+        return gather_gemm_triton(x, rows, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rows, w = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[2]:
+            gw = (x[rows].float().T @ grad.float()).to(w.dtype)
+        if ctx.needs_input_grad[0]:
+            gx = torch.zeros_like(x, dtype=torch.float32).index_add_(0, rows, grad.float() @ w.float().T).to(x.dtype)
+        return gx, None, gw
+
+
+class _TapScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, src, dst, tap, n_out):
+        ctx.save_for_backward(src, dst, tap)
+        ctx.shape = y.shape
+        return tap_scatter_triton(y, src, dst, tap, n_out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        src, dst, tap = ctx.saved_tensors
+        gy = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
+        gy.index_put_((src, tap), grad[dst], accumulate=True)
+        return gy, None, None, None, None
+
+
+def gather_gemm(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """float32 (len(rows), N) = x[rows] @ w: the Triton kernel where it runs, else the twin."""
+    return _GatherGemm.apply(x, rows, w) if use_triton(x) else gather_gemm_reference(x, rows, w)
+
+
+def tap_scatter(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor, n_out: int) -> torch.Tensor:
+    """(n_out, C) = sum of y[src, tap] into dst: the Triton kernel where it runs, else the twin."""
+    return _TapScatter.apply(y, src, dst, tap, n_out) if use_triton(y) else tap_scatter_reference(y, src, dst, tap, n_out)
