@@ -31,15 +31,23 @@ def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: t
                 n_out: int) -> torch.Tensor:
     """out[dst] += x[src] @ W[tap]^T over the rule pairs; W dense (out, in, 3, 3), tap = 3 * kh + kw.
 
-    One GEMM against the 9 taps side by side, then a gather of the needed (row, tap) blocks and a
-    scatter-add into the output sites.
+    Pairs are grouped by tap and each group is one gather-GEMM (x rows straight into the product, no
+    copy), so only products that exist are computed: isolated sites use the centre tap alone, where a
+    GEMM against all nine taps would do nine times the work. The products are then summed into their
+    output sites.
     """
-    from ..kernels.sparse_bag import tap_scatter
+    from ..kernels.sparse_bag import gather_gemm, tap_scatter
 
     cout = weight.shape[0]
     w = weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], cout)  # [tap, in, out]
-    y = (x @ w.permute(1, 0, 2).reshape(weight.shape[1], 9 * cout)).view(-1, 9, cout)
-    return tap_scatter(y, src, dst, tap, n_out)
+    order = torch.argsort(tap, stable=True)
+    bounds = torch.searchsorted(tap[order], torch.arange(10, device=tap.device)).tolist()
+    # Concatenated, not written into slices of one buffer: autograd would copy the whole gradient
+    # once per slice.
+    prod = torch.cat([gather_gemm(x, src[order[bounds[t]:bounds[t + 1]]], w[t]).to(x.dtype)
+                      for t in range(9) if bounds[t + 1] > bounds[t]])
+    return tap_scatter(prod[:, None, :], torch.arange(len(order), device=x.device), dst[order],
+                       torch.zeros_like(order), n_out)
 
 
 def _segment_mean(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
