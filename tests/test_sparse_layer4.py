@@ -92,3 +92,25 @@ def test_gradients_flow_and_missing_weights_are_named(fx):
     del state["layer4.1.bn2.running_var"]
     with pytest.raises(GigasslError, match="layer4.1.bn2.running_var"):
         SparseConvMIL.from_resnet18(state)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cpp_rulebooks_equal_the_tensor_rulebooks(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, k = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+    span = int(torch.randint(1, 30, (1,), generator=g))
+    cells = torch.randint(0, span, (b, k, 2), generator=g)
+    cells -= cells.min(dim=1, keepdim=True).values
+    fast = rb.build_rules(cells)
+    size = rb.spatial_size(cells)
+    inp, tile_site = rb.input_sites(cells, size)
+    out, src, dst, tap = rb.strided_rules(inp)
+    sub = rb.submanifold_rules(out)
+    assert torch.equal(fast.size, size) and torch.equal(fast.inp.sites, inp.sites) and torch.equal(fast.tile_site, tile_site)
+    assert torch.equal(fast.out.sites, out.sites)
+
+    def as_set(triple):
+        return set(zip(*(t.tolist() for t in triple), strict=True))
+
+    assert as_set(fast.strided) == as_set((src, dst, tap))
+    assert as_set(fast.submanifold) == as_set(sub)

@@ -107,3 +107,34 @@ def submanifold_rules(sites: SiteSet) -> tuple[torch.Tensor, torch.Tensor, torch
             dsts.append(out_idx)
             taps.append(torch.full_like(out_idx, 3 * (d0 + 1) + (d1 + 1)))
     return torch.cat(srcs), torch.cat(dsts), torch.cat(taps)
+
+
+@dataclass
+class Rules:
+    """Everything the sparse layer4 needs for one batch of grid cells."""
+
+    size: torch.Tensor
+    inp: SiteSet
+    tile_site: torch.Tensor
+    out: SiteSet
+    strided: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    submanifold: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def build_rules(cells: torch.Tensor, spatial: torch.Tensor | None = None) -> Rules:
+    """Rules for int64 cells (B, k, 2): in C++ (gigassl_fast._core) for CPU tensors, with the tensor
+    ops above on GPUs. `spatial` overrides the batch's spatial size (distributed training)."""
+    if cells.device.type == "cpu" and spatial is None:
+        from .. import _core
+
+        r = _core.sparse_rules(cells.contiguous().numpy())
+        t = {k: torch.from_numpy(v) for k, v in r.items() if not isinstance(v, tuple)}
+        size = t["size"]
+        return Rules(size, SiteSet(t["in_sites"], t["in_keys"], size), t["tile_site"],
+                     SiteSet(t["out_sites"], t["out_keys"], (size - 3) // 2 + 1),
+                     tuple(torch.from_numpy(a) for a in r["strided"]),
+                     tuple(torch.from_numpy(a) for a in r["submanifold"]))
+    size = spatial_size(cells) if spatial is None else spatial
+    inp, tile_site = input_sites(cells, size)
+    out, src, dst, tap = strided_rules(inp)
+    return Rules(size, inp, tile_site, out, (src, dst, tap), submanifold_rules(out))

@@ -131,18 +131,20 @@ class SparseConvMIL(nn.Module):
         """(B, 512) pooled output. `trace`, if a dict, receives the intermediate sparse tensors."""
         b = features.shape[0]
         cells = rb.grid_cells(locations, exact=self.exact_cells)
-        size = rb.spatial_size(cells)
+        spatial = None
         if self.sync_spatial_size and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
-        inp, tile_site = rb.input_sites(cells, size)
-        x0 = _segment_mean(features.reshape(-1, features.shape[-1]), tile_site, len(inp.keys))
-
-        out_sites, src, dst, tap = rb.strided_rules(inp)
+            spatial = rb.spatial_size(cells)
+            torch.distributed.all_reduce(spatial, op=torch.distributed.ReduceOp.MAX)
+        rules = rb.build_rules(cells, spatial)
+        dev = features.device
+        inp, out_sites = rules.inp, rules.out
+        x0 = _segment_mean(features.reshape(-1, features.shape[-1]), rules.tile_site.to(dev), len(inp.keys))
+        src, dst, tap = (t.to(dev) for t in rules.strided)
         n1 = len(out_sites.keys)
         blk = self.block0
         c1 = _tap_matmul(x0, blk.conv1, src, dst, tap, n1)
         pooled = torch.zeros(n1, x0.shape[1], dtype=x0.dtype, device=x0.device).index_add_(0, dst, x0[src]) / 9
-        s_src, s_dst, s_tap = rb.submanifold_rules(out_sites)
+        s_src, s_dst, s_tap = (t.to(dev) for t in rules.submanifold)
 
         a = F.relu(blk.bn1(c1))
         a = blk.bn2(_tap_matmul(a, blk.conv2, s_src, s_dst, s_tap, n1))
@@ -152,9 +154,9 @@ class SparseConvMIL(nn.Module):
         a = F.relu(blk.bn1(_tap_matmul(x1, blk.conv1, s_src, s_dst, s_tap, n1)))
         a = blk.bn2(_tap_matmul(a, blk.conv2, s_src, s_dst, s_tap, n1))
         x2 = F.relu(a + x1)
-        out = _segment_mean(x2, out_sites.sites[:, 0], b)
+        out = _segment_mean(x2, out_sites.sites[:, 0].to(dev), b)
         if trace is not None:
-            trace.update(cells=cells, spatial_size=size, in_sites=inp.sites, in_feats=x0, conv1_sites=out_sites.sites,
+            trace.update(cells=cells, spatial_size=rules.size, in_sites=inp.sites, in_feats=x0, conv1_sites=out_sites.sites,
                          conv1_out=c1, avgpool_out=pooled, block1_out=x2)
         return out
 
