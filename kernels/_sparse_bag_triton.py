@@ -6,9 +6,9 @@ import triton.language as tl
 
 
 @triton.jit
-def gather_gemm_kernel(x_ptr, rows_ptr, w_ptr, y_ptr, m, n, k, stride_x, stride_w, stride_y,
+def gather_gemm_kernel(x_ptr, rows_ptr, w_ptr, y_ptr, bias_ptr, m, n, k, stride_x, stride_w, stride_y,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, BIAS: tl.constexpr, RELU: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -27,6 +27,10 @@ def gather_gemm_kernel(x_ptr, rows_ptr, w_ptr, y_ptr, m, n, k, stride_x, stride_
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    if BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < n, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], acc,
              mask=(offs_m[:, None] < m) & (offs_n[None, :] < n))
 
@@ -50,3 +54,22 @@ def tap_scatter_kernel(y_ptr, ptr_ptr, src_ptr, tap_ptr, out_ptr, n_out, c, stri
         acc += v.to(tl.float32)
     tl.store(out_ptr + offs_o[:, None] * stride_out + offs_c[None, :], acc,
              mask=(offs_o[:, None] < n_out) & (offs_c[None, :] < c))
+
+
+@triton.jit
+def segment_softmax_pool_kernel(score_ptr, value_ptr, ptr_ptr, out_ptr, c, stride_v, stride_out,
+                                MAX_LEN: tl.constexpr, BLOCK_C: tl.constexpr):
+    seg = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    start = tl.load(ptr_ptr + seg)
+    end = tl.load(ptr_ptr + seg + 1)
+    offs = start + tl.arange(0, MAX_LEN)
+    live = offs < end
+    s = tl.load(score_ptr + offs, mask=live, other=float("-inf")).to(tl.float32)
+    e = tl.exp(s - tl.max(s, axis=0))
+    e = tl.where(live, e, 0.0)
+    a = e / tl.sum(e, axis=0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    v = tl.load(value_ptr + offs[:, None].to(tl.int64) * stride_v + offs_c[None, :],
+                mask=live[:, None] & (offs_c[None, :] < c), other=0.0).to(tl.float32)
+    tl.store(out_ptr + seg * stride_out + offs_c, tl.sum(a[:, None] * v, axis=0), mask=offs_c < c)

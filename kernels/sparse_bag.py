@@ -26,6 +26,24 @@ def gather_gemm_reference(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) 
     return x[rows].float() @ w.float()
 
 
+def gather_linear_relu_reference(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float32 (len(rows), N): relu(x[rows] @ w + b), for the mlp and abmil aggregators' first layer."""
+    return torch.relu(x[rows].float() @ w.float() + b.float())
+
+
+def segment_softmax_pool_reference(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    """(S, C): for each segment [ptr[s], ptr[s+1]), softmax of its scores weighting the sum of its values
+    (attention pooling of the tiles of each view)."""
+    seg = torch.repeat_interleave(torch.arange(len(ptr) - 1, device=ptr.device), ptr[1:] - ptr[:-1])
+    n = len(ptr) - 1
+    mx = torch.full((n,), float("-inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(
+        0, seg, scores, reduce="amax")
+    e = torch.exp(scores - mx[seg])
+    denom = torch.zeros(n, dtype=e.dtype, device=e.device).index_add_(0, seg, e)
+    a = e / denom[seg]
+    return torch.zeros(n, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, seg, a[:, None] * values)
+
+
 def tap_scatter_reference(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
                           n_out: int) -> torch.Tensor:
     """(n_out, C): out[dst[p]] += y[src[p], tap[p]] for every pair p; y is (N_in, 9, C)."""
@@ -38,10 +56,12 @@ def tap_scatter_reference(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
 def _kernels():
     from . import _sparse_bag_triton
 
-    return {"gather_gemm": _sparse_bag_triton.gather_gemm_kernel, "tap_scatter": _sparse_bag_triton.tap_scatter_kernel}
+    return {"gather_gemm": _sparse_bag_triton.gather_gemm_kernel, "tap_scatter": _sparse_bag_triton.tap_scatter_kernel,
+            "segment_softmax_pool": _sparse_bag_triton.segment_softmax_pool_kernel}
 
 
-def gather_gemm_triton(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ieee: bool = False) -> torch.Tensor:
+def gather_gemm_triton(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ieee: bool = False,
+                       bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     import triton
 
     m, k, n = rows.shape[0], x.shape[1], w.shape[1]
@@ -49,8 +69,9 @@ def gather_gemm_triton(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, iee
     x, w, rows = x.contiguous(), w.contiguous(), rows.contiguous()
     bm, bn, bk = 64, 128, 32
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _kernels()["gather_gemm"][grid](x, rows, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee)
+    _kernels()["gather_gemm"][grid](x, rows, w, y, bias if bias is not None else y, m, n, k, x.stride(0), w.stride(0),
+                                    y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee,
+                                    BIAS=bias is not None, RELU=relu)
     return y
 
 
@@ -124,3 +145,61 @@ def gather_gemm(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.T
 def tap_scatter(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor, n_out: int) -> torch.Tensor:
     """(n_out, C) = sum of y[src, tap] into dst: the Triton kernel where it runs, else the twin."""
     return _TapScatter.apply(y, src, dst, tap, n_out) if use_triton(y) else tap_scatter_reference(y, src, dst, tap, n_out)
+
+
+def segment_softmax_pool_triton(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    import triton
+
+    n, c = len(ptr) - 1, values.shape[1]
+    out = torch.empty(n, c, dtype=torch.float32, device=values.device)
+    max_len = int((ptr[1:] - ptr[:-1]).max().item()) if n else 1
+    bc = 64
+    _kernels()["segment_softmax_pool"][(n, triton.cdiv(c, bc))](
+        scores.contiguous(), values.contiguous(), ptr.contiguous(), out, c, values.stride(0), out.stride(0),
+        MAX_LEN=triton.next_power_of_2(max(max_len, 2)), BLOCK_C=bc)
+    return out.to(values.dtype)
+
+
+class _GatherLinearRelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rows, w, b):
+        y = gather_gemm_triton(x, rows, w, bias=b, relu=True)
+        ctx.save_for_backward(x, rows, w, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rows, w, y = ctx.saved_tensors
+        g = grad.float() * (y > 0)
+        gx = torch.zeros_like(x, dtype=torch.float32).index_add_(0, rows, g @ w.float().T).to(x.dtype) \
+            if ctx.needs_input_grad[0] else None
+        gw = (x[rows].float().T @ g).to(w.dtype) if ctx.needs_input_grad[2] else None
+        gb = g.sum(0).to(w.dtype) if ctx.needs_input_grad[3] else None
+        return gx, None, gw, gb
+
+
+class _SegmentSoftmaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, values, ptr):
+        ctx.save_for_backward(scores, values, ptr)
+        return segment_softmax_pool_triton(scores, values, ptr)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scores, values, ptr = ctx.saved_tensors
+        with torch.enable_grad():
+            s, v = scores.detach().requires_grad_(True), values.detach().requires_grad_(True)
+            out = segment_softmax_pool_reference(s, v, ptr)
+            gs, gv = torch.autograd.grad(out, (s, v), grad)
+        return gs, gv, None
+
+
+def gather_linear_relu(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """relu(x[rows] @ w + b): the fused Triton kernel where it runs, else the twin."""
+    return _GatherLinearRelu.apply(x, rows, w, b) if use_triton(x) else gather_linear_relu_reference(x, rows, w, b)
+
+
+def segment_softmax_pool(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    """Attention pooling per segment: the Triton kernel where it runs, else the twin."""
+    return _SegmentSoftmaxPool.apply(scores, values, ptr) if use_triton(values) else \
+        segment_softmax_pool_reference(scores, values, ptr)

@@ -43,6 +43,13 @@ class GatedAttentionMIL(nn.Module):
         self.w = nn.Linear(att_dim, 1)
 
     def forward(self, features: torch.Tensor, locations: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.embed(features)  # (B, k, dim)
-        a = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).softmax(dim=1)  # (B, k, 1)
-        return (a * h).sum(dim=1)
+        from ..kernels.sparse_bag import gather_linear_relu, segment_softmax_pool
+
+        b, k, d = features.shape
+        flat = features.reshape(b * k, d)
+        rows = torch.arange(b * k, device=flat.device)
+        lin = self.embed[0]
+        h = gather_linear_relu(flat, rows, lin.weight.T, lin.bias)  # (B*k, dim)
+        scores = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(1)  # (B*k,)
+        ptr = torch.arange(0, b * k + 1, k, device=flat.device)
+        return segment_softmax_pool(scores, h, ptr)
