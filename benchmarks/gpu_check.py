@@ -77,7 +77,6 @@ def main() -> None:
 def check_kernels() -> bool:
     """Each kernel against its twin on random inputs: relative error, and median time of both."""
     import triton.testing
-
     from gigassl_fast.kernels import sparse_bag as sb
 
     dev = torch.device("cuda")
@@ -133,7 +132,7 @@ def time_train_step() -> None:
         contrastive_step(model, v1, v2, 0.05)
         opt.step()
 
-    ms = rate(step, 1) and 1000 / rate(step, 1)
+    ms = 1000 / rate(step, 1)
     print(f"training step, batch 256 (512 views): {ms:.1f} ms, {512 / ms * 1000:,.0f} views/s")
 
 
