@@ -114,3 +114,12 @@ def test_cpp_rulebooks_equal_the_tensor_rulebooks(seed):
 
     assert as_set(fast.strided) == as_set((src, dst, tap))
     assert as_set(fast.submanifold) == as_set(sub)
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_per_view_batch_equals_views_run_alone(fx, case):
+    p = f"c{case}/"
+    model = SparseConvMIL.from_resnet18(_state(fx)).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(fx[p + "tile_feats"]), torch.from_numpy(fx[p + "locs_input"]), per_view=True)
+    _close(out.numpy(), fx[p + "out_eval_batch1"])

@@ -67,10 +67,15 @@ def _unkey(keys: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     return torch.stack([rest // size[0], rest % size[0], a1], dim=1)
 
 
-def strided_rules(inp: SiteSet) -> tuple[SiteSet, torch.Tensor, torch.Tensor, torch.Tensor]:
+def strided_rules(inp: SiteSet, view_size: torch.Tensor | None = None) -> tuple[SiteSet, torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
     """3x3 stride-2 convolution without padding: output sites and (input, output, tap) pairs, tap =
-    3 * (g0 - 2 u0) + (g1 - 2 u1), for every output u in range whose window holds input g."""
+    3 * (g0 - 2 u0) + (g1 - 2 u1), for every output u in range whose window holds input g.
+
+    `view_size` (B, 2), if given, is each view's own spatial size: outputs are clipped as if every view
+    were run alone (the reference's inference, one view per forward)."""
     out_size = (inp.size - 3) // 2 + 1
+    limit = out_size if view_size is None else ((view_size - 3) // 2 + 1)[inp.sites[:, 0]]
     g = inp.sites[:, 1:]
     pairs_in, pairs_u, pairs_tap = [], [], []
     for d0 in range(3):
@@ -78,7 +83,7 @@ def strided_rules(inp: SiteSet) -> tuple[SiteSet, torch.Tensor, torch.Tensor, to
             u = torch.stack([g[:, 0] - d0, g[:, 1] - d1], dim=1)
             ok = (u % 2 == 0).all(dim=1)
             u = torch.div(u, 2, rounding_mode="floor")
-            ok &= (u >= 0).all(dim=1) & (u[:, 0] < out_size[0]) & (u[:, 1] < out_size[1])
+            ok &= (u >= 0).all(dim=1) & (u < limit).all(dim=1)
             idx = ok.nonzero().squeeze(1)
             pairs_in.append(idx)
             pairs_u.append(torch.cat([inp.sites[idx, :1], u[idx]], dim=1))
@@ -121,9 +126,22 @@ class Rules:
     submanifold: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def build_rules(cells: torch.Tensor, spatial: torch.Tensor | None = None) -> Rules:
+def view_spatial_size(cells: torch.Tensor) -> torch.Tensor:
+    """int64 (B, 2): the spatial size each view would get alone."""
+    s = torch.clamp(cells.max(dim=1).values + 1, min=5)
+    s = s + (s % 2 == 0).long()
+    return s + 2 * ((s // 2) % 2 == 0).long()
+
+
+def build_rules(cells: torch.Tensor, spatial: torch.Tensor | None = None, per_view: bool = False) -> Rules:
     """Rules for int64 cells (B, k, 2): in C++ (gigassl_fast._core) for CPU tensors, with the tensor
-    ops above on GPUs. `spatial` overrides the batch's spatial size (distributed training)."""
+    ops above on GPUs. `spatial` overrides the batch's spatial size (distributed training); `per_view`
+    gives every view its own spatial size, as if each ran alone (inference)."""
+    if per_view:
+        size = spatial_size(cells)
+        inp, tile_site = input_sites(cells, size)
+        out, src, dst, tap = strided_rules(inp, view_spatial_size(cells))
+        return Rules(size, inp, tile_site, out, (src, dst, tap), submanifold_rules(out))
     if cells.device.type == "cpu" and spatial is None:
         from .. import _core
 

@@ -127,15 +127,18 @@ class SparseConvMIL(nn.Module):
         return model
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, locations: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
-        """(B, 512) pooled output. `trace`, if a dict, receives the intermediate sparse tensors."""
+    def forward(self, features: torch.Tensor, locations: torch.Tensor, trace: dict | None = None,
+                per_view: bool = False) -> torch.Tensor:
+        """(B, 512) pooled output. `trace`, if a dict, receives the intermediate sparse tensors.
+        ``per_view``: each view gets its own spatial size, so a batch of views gives what running them
+        one at a time would (the reference's inference) while running as one batch."""
         b = features.shape[0]
         cells = rb.grid_cells(locations, exact=self.exact_cells)
         spatial = None
         if self.sync_spatial_size and torch.distributed.is_initialized():
             spatial = rb.spatial_size(cells)
             torch.distributed.all_reduce(spatial, op=torch.distributed.ReduceOp.MAX)
-        rules = rb.build_rules(cells, spatial)
+        rules = rb.build_rules(cells, spatial, per_view=per_view)
         dev = features.device
         inp, out_sites = rules.inp, rules.out
         x0 = _segment_mean(features.reshape(-1, features.shape[-1]), rules.tile_site.to(dev), len(inp.keys))
