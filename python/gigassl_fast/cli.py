@@ -168,11 +168,13 @@ def pca(features_dir, dim, out_file, max_tiles) -> None:
 @cli.command(name="pack")
 @click.argument("features_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Store file to write (.h5).")
-def pack_cmd(features_dir, out_file) -> None:
+@click.option("--pca", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Project every feature with a PCA file (from `gigassl-fast pca`), e.g. to 256-d for sparse-layer4.")
+def pack_cmd(features_dir, out_file, pca) -> None:
     """Pack every feature file of FEATURES_DIR (from `encode`) into one store for `train`."""
     from .pack import pack
 
-    info = pack(features_dir, out_file)
+    info = pack(features_dir, out_file, pca)
     for f, why in info["skipped"]:
         click.echo(f"skipped {f}: {why}", err=True)
     click.echo(f"{info['slides']} slides, {info['tiles']} tiles, {info['naug']} x {info['nt']} augmented tiles of "
@@ -221,6 +223,58 @@ def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, ba
         click.echo(f"{result['steps']} steps, last loss {result['last_loss']:.4f}; checkpoint {result['checkpoint']}")
 
 
+@cli.command(name="embed")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True), help="From `train`.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="embeddings.h5 to write.")
+@click.option("--views", type=click.IntRange(min=1), default=100, show_default=True, help="Views per slide.")
+@click.option("--tiles-per-view", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--with-replacement", is_flag=True,
+              help="Draw each view's tiles with replacement (the original inference) instead of without.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["h5", "npy"]), default="h5", show_default=True,
+              help="npy also writes the reference's embeddings.npy + ids.npy beside the .h5.")
+@click.option("--device", default="auto", show_default=True)
+def embed_cmd(source, checkpoint, out_file, views, tiles_per_view, with_replacement, seed, fmt, device) -> None:
+    """Slide embeddings (512-d, L2-normalised) from SOURCE, a features folder (from `encode`) or a store
+    (from `pack`), with a trained CHECKPOINT."""
+    from .embed import EmbedParams, embed
+
+    info = embed(source, checkpoint, out_file, EmbedParams(views, tiles_per_view, with_replacement, seed, device=device),
+                 fmt, log=lambda m: click.echo(m, err=True))
+    click.echo(f"{info['slides']} slides embedded -> {out_file}" +
+               (f"; {len(info['empty'])} without tissue left out" if info["empty"] else ""))
+
+
+@cli.command(name="probe")
+@click.argument("embeddings", type=click.Path(dir_okay=False, exists=True))
+@click.option("--labels", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="CSV with slide_id,label[,patient_id].")
+@click.option("--out", "out_dir", default="probe_report", show_default=True, type=click.Path(file_okay=False))
+@click.option("--folds", type=click.IntRange(min=2), default=10, show_default=True, help="Stratified k-fold CV.")
+@click.option("--train-size", default="", help="Few-shot settings: training-set sizes, e.g. 25,50,100.")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Splits per few-shot setting.")
+@click.option("--C", "C", type=_POSITIVE, default=10.0, show_default=True, help="Inverse regularisation (reference: 10).")
+@click.option("--search-C", "search_C", is_flag=True, help="Choose C by inner 3-fold CV instead.")
+@click.option("--baseline", "baseline", default=None, type=click.Path(file_okay=False, exists=True),
+              help="A features folder: also evaluate mean-pooled tile features, in the same report.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def probe_cmd(embeddings, labels, out_dir, folds, train_size, repeats, C, search_C, baseline, seed) -> None:
+    """Linear evaluation of slide EMBEDDINGS (ours, or the reference's embeddings.npy with ids.npy beside)."""
+    from .probe import ProbeParams, run_probe
+
+    try:
+        sizes = tuple(int(v) for v in train_size.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"must be integers separated by commas (got {train_size!r})",
+                                 param_hint="--train-size") from None
+    report = run_probe(embeddings, labels, out_dir, ProbeParams(folds, sizes, repeats, C, search_C, seed), baseline,
+                       warn=lambda m: click.echo(m, err=True))
+    click.echo(report["table"])
+    roc = ", roc.png" if os.path.exists(os.path.join(out_dir, "roc.png")) else ""
+    click.echo(f"report in {out_dir}: probe.json, probe.md{roc}")
+
+
 @cli.command()
 def info() -> None:
     """Versions, devices, and the compute path each stage takes here."""
@@ -234,11 +288,12 @@ def info() -> None:
               help="Folder for every artefact of the demo.")
 @click.option("--sample-slides", type=click.Path(file_okay=False), default=None,
               help="Folder of real sample slides to tile too [default: ../shared/data/slides when present].")
-def demo(out_dir, sample_slides) -> None:
-    """The pipeline on sample data: synthetic slides (and the real sample slides when present)."""
+@click.option("--quick", is_flag=True, help="A much smaller cohort and training (for tests).")
+def demo(out_dir, sample_slides, quick) -> None:
+    """The whole chain on synthetic slides (no network): tile, encode, pca, pack, train, embed, probe."""
     from .demo import run_demo
 
-    sys.exit(run_demo(out_dir, sample_slides))
+    sys.exit(run_demo(out_dir, sample_slides, quick))
 
 
 def main() -> None:

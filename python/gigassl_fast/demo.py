@@ -1,27 +1,43 @@
-"""``gigassl-fast demo``: the pipeline on data that needs no network.
+"""``gigassl-fast demo``: the whole chain on data that needs no network.
 
-Writes a small synthetic cohort (pyramidal JPEG TIFFs with H&E-like tissue) and tiles it; when the
-real sample slides are present (../shared/data/slides in a development checkout), tiles those too
-through a manifest that supplies the resolution the strip TIFF lacks.
+A synthetic cohort of pyramidal JPEG TIFFs (pink stroma, purple nuclei, white background) in two classes
+that differ only in a few regions (denser nuclei in class "dense"), then encode (efficientnet-lite0,
+offline weights), PCA to 256-d, pack, train the sparse ResNet18-layer4 briefly, embed, and probe, with
+the AUC of Giga-SSL embeddings next to mean-pooled tile features. When the real sample slides are
+present (../shared/data/slides in a development checkout) they are tiled too, through a manifest that
+supplies the resolution the strip TIFF lacks.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import click
 
 from .cohort import SlideEntry, collect_slides
-from .encode import EncodeParams, run_encode
 from .synthetic import write_synthetic_slide
 from .tiling import TileParams, run_tile
-
-#: Augmented versions and tiles per version in the demo (the paper uses 50 x 256).
-DEMO_NAUG, DEMO_NT = 4, 32
 
 #: The strip TIFF among the sample slides carries no resolution; the demo states one (the image is a
 #: downsampled crop, about 10x).
 KIDNEY_ASSUMED_MPP = 1.0
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    per_class: int
+    width: int
+    height: int
+    naug: int
+    nt: int
+    epochs: int
+    batch: int
+    folds: int
+
+
+FULL = DemoSize(per_class=10, width=2048, height=1536, naug=4, nt=32, epochs=40, batch=10, folds=5)
+QUICK = DemoSize(per_class=4, width=1536, height=1024, naug=2, nt=8, epochs=3, batch=4, folds=2)
 
 
 def default_sample_slides() -> str | None:
@@ -31,16 +47,23 @@ def default_sample_slides() -> str | None:
     return None
 
 
-def synthetic_cohort(folder: str, n: int = 4, width: int = 3072, height: int = 2048) -> list[SlideEntry]:
-    """`n` synthetic slides in `folder` (kept if already there)."""
+def synthetic_cohort(folder: str, size: DemoSize) -> tuple[list[SlideEntry], str]:
+    """Slides of two classes in `folder` (kept if already there) and a labels CSV."""
     os.makedirs(folder, exist_ok=True)
-    entries = []
-    for i in range(n):
-        path = os.path.join(folder, f"synthetic_{i:02d}.tif")
+    entries, rows = [], ["slide_id,label"]
+    for i in range(2 * size.per_class):
+        label = "dense" if i % 2 else "sparse"
+        sid = f"synthetic_{i:02d}"
+        path = os.path.join(folder, f"{sid}.tif")
         if not os.path.exists(path):
-            write_synthetic_slide(path, width, height, mpp=0.5, seed=i)
-        entries.append(SlideEntry(f"synthetic_{i:02d}", path))
-    return entries
+            extra = {"hotspots": 3, "hotspot_density": 0.35} if label == "dense" else {}
+            write_synthetic_slide(path, size.width, size.height, mpp=0.5, seed=100 + i, **extra)
+        entries.append(SlideEntry(sid, path))
+        rows.append(f"{sid},{label}")
+    labels = os.path.join(folder, "labels.csv")
+    with open(labels, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(rows) + "\n")
+    return entries, labels
 
 
 def sample_manifest(slides_dir: str, out_dir: str) -> str:
@@ -55,23 +78,51 @@ def sample_manifest(slides_dir: str, out_dir: str) -> str:
     return path
 
 
-def run_demo(out_dir: str, sample_slides: str | None = None) -> int:
+def run_demo(out_dir: str, sample_slides: str | None = None, quick: bool = False) -> int:
+    from .embed import EmbedParams, embed
+    from .encode import EncodeParams, run_encode
+    from .pack import pack
+    from .pca import fit_pca, save_pca
+    from .probe import ProbeParams, run_probe
+    from .train import TrainParams, train
+
+    size = QUICK if quick else FULL
     os.makedirs(out_dir, exist_ok=True)
-    params = TileParams().validate()
-    click.echo("== writing a synthetic cohort")
-    entries = synthetic_cohort(os.path.join(out_dir, "slides"))
     sample_slides = sample_slides or default_sample_slides()
     if sample_slides:
-        entries += collect_slides([sample_manifest(sample_slides, out_dir)])
-    else:
-        click.echo("(no real sample slides found; pass --sample-slides DIR to tile some)")
-    click.echo(f"== tiling {len(entries)} slides at {params.mpp} µm/px, {params.tile_size} px tiles")
-    summary = run_tile(entries, params, out_dir)
-    click.echo(summary.table())
-    synthetic = [e for e in entries if e.slide_id.startswith("synthetic_")]
-    click.echo(f"== encoding the synthetic cohort: efficientnet-lite0, {DEMO_NAUG} augmented versions x {DEMO_NT} tiles")
-    enc = run_encode(synthetic, EncodeParams(naug=DEMO_NAUG, nt=DEMO_NT, batch_size=32, tiles=params), out_dir)
+        click.echo("== tiling the real sample slides")
+        real = run_tile(collect_slides([sample_manifest(sample_slides, out_dir)]), TileParams(), os.path.join(out_dir, "samples"))
+        click.echo(real.table())
+    click.echo(f"== writing a synthetic cohort: {2 * size.per_class} slides, classes 'sparse' and 'dense'")
+    entries, labels = synthetic_cohort(os.path.join(out_dir, "slides"), size)
+    tiles = TileParams(mpp=1.0, tile_size=112)
+    click.echo(f"== encode: efficientnet-lite0, {size.naug} augmented versions x {size.nt} tiles per slide")
+    enc = run_encode(entries, EncodeParams(naug=size.naug, nt=size.nt, batch_size=64, tiles=tiles), out_dir)
     click.echo(enc.table())
-    click.echo(f"demo artefacts in {os.path.abspath(out_dir)}: tiles/, qc/ (QC pictures), features/, "
-               "tile_summary.json, encode_summary.json")
-    return max(summary.exit_code, enc.exit_code)
+    if enc.exit_code:
+        return enc.exit_code
+    features = os.path.join(out_dir, "features")
+    pca_file = os.path.join(out_dir, "pca256.npz")
+    fitted = fit_pca(features, 256 if not quick else 16)
+    save_pca(pca_file, fitted)
+    click.echo(f"== pca: 1280 -> {fitted['components'].shape[0]}-d, explained variance "
+               f"{fitted['explained_variance_ratio'].sum():.2f}")
+    store = os.path.join(out_dir, "store.h5")
+    info = pack(features, store, pca_file)
+    click.echo(f"== pack: {info['slides']} slides, {info['tiles']} tiles -> {store}")
+    aggregator = "sparse-layer4" if not quick else "mlp"
+    click.echo(f"== train: {aggregator}, {size.epochs} epochs, batch {size.batch}")
+    run_dir = os.path.join(out_dir, "run")
+    result = train(store, run_dir, TrainParams(aggregator=aggregator, epochs=size.epochs, batch_size=size.batch,
+                                               warmup_epochs=max(1, size.epochs // 10), checkpoint_every=size.epochs),
+                   resume=os.path.exists(os.path.join(run_dir, "checkpoint_last.pt")), log=lambda m: None)
+    click.echo(f"   {result['steps']} steps, last loss {result['last_loss']:.3f}")
+    emb = os.path.join(out_dir, "embeddings.h5")
+    embed(store, result["checkpoint"], emb, EmbedParams(views=50))
+    click.echo("== probe: Giga-SSL embeddings against mean-pooled tile features")
+    report = run_probe(emb, labels, os.path.join(out_dir, "report"), ProbeParams(folds=size.folds), baseline=features,
+                       warn=lambda m: None)
+    click.echo(report["table"])
+    click.echo(f"demo artefacts in {os.path.abspath(out_dir)}: slides/, tiles/, qc/, features/, store.h5, run/, "
+               f"embeddings.h5, report/ (probe.json, probe.md, roc.png)" + (", samples/" if sample_slides else ""))
+    return 0

@@ -29,8 +29,11 @@ FORMAT = "gigassl-fast/store/1"
 SHARED = ("encoder", "weights_checksum", "out_dim", "naug", "nt", "target_mpp", "tile_size", "pca")
 
 
-def pack(features_dir: str, out: str) -> dict:
-    """Packs every complete feature file of `features_dir` into `out`; returns a summary dict."""
+def pack(features_dir: str, out: str, pca: str | None = None) -> dict:
+    """Packs every complete feature file of `features_dir` into `out`; returns a summary dict.
+
+    `pca`: a PCA file (from ``gigassl-fast pca``) applied to every feature on the way in, e.g. to give
+    the sparse aggregator 256-d inputs from a wider encoder."""
     files = sorted(glob.glob(os.path.join(features_dir, "*.h5")))
     if not files:
         raise GigasslError(f"{features_dir}: no feature files (*.h5); run `gigassl-fast encode` first")
@@ -60,6 +63,16 @@ def pack(features_dir: str, out: str) -> dict:
     if ref["naug"] == 0:
         raise GigasslError(f"{features_dir}: features were encoded with --naug 0; training needs augmented versions")
     s, d, naug, nt = len(ids), int(ref["out_dim"]), int(ref["naug"]), int(ref["nt"])
+    proj = None
+    if pca:
+        from .pca import load_pca, project
+
+        proj = load_pca(pca, d)
+        d = int(proj["components"].shape[0])
+
+    def fit(a: np.ndarray) -> np.ndarray:
+        return a if proj is None else project(a, proj).astype(np.float16)
+
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     with atomic_h5(out) as dst:
         dst.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
@@ -76,14 +89,15 @@ def pack(features_dir: str, out: str) -> dict:
                     continue
                 c = fh["coords"][:]
                 coords[offsets[k]:offsets[k + 1]] = c
-                feats[offsets[k]:offsets[k + 1]] = fh["features"][:]
+                feats[offsets[k]:offsets[k + 1]] = fit(fh["features"][:])
                 idx = fh["aug/indices"][:]
                 a_idx[k] = idx
                 a_xy[k] = c[idx]
-                a_f[k] = fh["aug/features"][:]
+                a_f[k] = fit(fh["aug/features"][:])
             k += 1
-        write_attrs(dst, {**ref, "format": FORMAT, "version": __version__, "n_slides": s, "n_tiles": int(offsets[-1]),
-                          "source": os.path.abspath(features_dir)})
+        pca_attrs = {"pca_file": os.path.abspath(pca), "out_dim": d} if pca else {}
+        write_attrs(dst, {**ref, **pca_attrs, "format": FORMAT, "version": __version__, "n_slides": s,
+                          "n_tiles": int(offsets[-1]), "source": os.path.abspath(features_dir)})
     return {"slides": s, "tiles": int(offsets[-1]), "skipped": skipped, "out": out, "dim": d, "naug": naug, "nt": nt}
 
 
