@@ -139,10 +139,3 @@ def test_info_and_help():
     assert "compute paths" in r.stdout and "C++ core" in r.stdout and "slide decoding" in r.stdout
     r = cli("--help")
     assert r.returncode == 0 and "tile" in r.stdout and "info" in r.stdout
-
-
-def test_demo_runs(tmp_path, sample_dir):
-    r = cli("demo", "--out", tmp_path / "demo", "--sample-slides", sample_dir)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "synthetic_00" in r.stdout and "cmu_small_region" in r.stdout
-    assert (tmp_path / "demo" / "tiles" / "cmu_small_region.h5").exists()
