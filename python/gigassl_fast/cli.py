@@ -260,7 +260,12 @@ def embed_cmd(source, checkpoint, out_file, views, tiles_per_view, with_replacem
               help="A features folder: also evaluate mean-pooled tile features, in the same report.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def probe_cmd(embeddings, labels, out_dir, folds, train_size, repeats, C, search_C, baseline, seed) -> None:
-    """Linear evaluation of slide EMBEDDINGS (ours, or the reference's embeddings.npy with ids.npy beside)."""
+    """Linear evaluation of slide EMBEDDINGS (ours, or the reference's embeddings.npy with ids.npy beside).
+
+    Logistic regression (C=10, balanced classes, as the reference), ROC-AUC and balanced accuracy over
+    stratified k-fold CV and few-shot splits. With a patient_id column, a patient's slides stay on one
+    side of every split (the reference splits by slide and lets patients leak into the test set).
+    """
     from .probe import ProbeParams, run_probe
 
     try:
