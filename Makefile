@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check python tests benchmarks kernels
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_tiling.py
+	$(VENV)/bin/gigassl-fast bench
 
 clean:
 	rm -rf build $(VENV) demo_out .pytest_cache

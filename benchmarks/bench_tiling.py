@@ -58,28 +58,37 @@ def reference(thumb: np.ndarray, ds: float) -> tuple[np.ndarray, np.ndarray]:
     return mask, reference_tile_grid(mask, int(w * ds), int(h * ds), TILE0, TILE0, 0.1)
 
 
+def run(sizes: list[int], runs: int = 5) -> dict:
+    """Times every case; returns the stage summary (totals over the synthetic cases) and the rows."""
+    results = []
+    print(f"{'thumbnail':<26} {'pixels':>10} {'tiles':>7} {'ours ms':>9} {'ref ms':>9} {'speedup':>8}")
+    for name, thumb, ds in cases(sizes):
+        m_ours, c_ours = ours(thumb, ds)
+        m_ref, c_ref = reference(thumb, ds)
+        if not (np.array_equal(m_ours, m_ref) and np.array_equal(c_ours, c_ref)):
+            sys.exit(f"{name}: masks or tiles differ between gigassl_fast and the reference")
+        t_ours = time_runs(lambda thumb=thumb, ds=ds: ours(thumb, ds), runs=runs)
+        t_ref = time_runs(lambda thumb=thumb, ds=ds: reference(thumb, ds), runs=max(3, runs // 2))
+        speedup = t_ref["median_s"] / t_ours["median_s"]
+        results.append({"case": name, "shape": list(thumb.shape[:2]), "pixels": int(thumb.shape[0] * thumb.shape[1]),
+                        "tiles": len(c_ours), "identical": True, "ours": t_ours, "reference": t_ref, "speedup": speedup})
+        print(f"{name:<26} {thumb.shape[0] * thumb.shape[1]:>10,} {len(c_ours):>7} "
+              f"{t_ours['median_s'] * 1e3:>9.1f} {t_ref['median_s'] * 1e3:>9.1f} {speedup:>7.1f}x")
+    big = max(results, key=lambda r: r["pixels"])
+    stage = {"ours_s": big["ours"]["median_s"], "reference_s": big["reference"]["median_s"], "speedup": big["speedup"],
+             "unit_rate": {"case": big["case"], "megapixels_per_s": big["pixels"] / big["ours"]["median_s"] / 1e6,
+                           "tiles_per_s": big["tiles"] / big["ours"]["median_s"]}}
+    return {"stage": stage, "results": results}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2048,4096,8192")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", default="bench_out/bench_tiling.json")
     args = ap.parse_args()
-    results = []
-    header = f"{'thumbnail':<26} {'pixels':>10} {'tiles':>7} {'ours ms':>9} {'ref ms':>9} {'speedup':>8}"
-    print(header)
-    for name, thumb, ds in cases([int(s) for s in args.sizes.split(",") if s]):
-        m_ours, c_ours = ours(thumb, ds)
-        m_ref, c_ref = reference(thumb, ds)
-        if not (np.array_equal(m_ours, m_ref) and np.array_equal(c_ours, c_ref)):
-            sys.exit(f"{name}: masks or tiles differ between gigassl_fast and the reference")
-        t_ours = time_runs(lambda thumb=thumb, ds=ds: ours(thumb, ds), runs=args.runs)
-        t_ref = time_runs(lambda thumb=thumb, ds=ds: reference(thumb, ds), runs=max(3, args.runs // 2))
-        speedup = t_ref["median_s"] / t_ours["median_s"]
-        results.append({"case": name, "shape": list(thumb.shape[:2]), "tiles": len(c_ours), "identical": True,
-                         "ours": t_ours, "reference": t_ref, "speedup": speedup})
-        print(f"{name:<26} {thumb.shape[0] * thumb.shape[1]:>10,} {len(c_ours):>7} "
-              f"{t_ours['median_s'] * 1e3:>9.1f} {t_ref['median_s'] * 1e3:>9.1f} {speedup:>7.1f}x")
-    report = {"benchmark": "tiling", "machine": machine(), "results": results}
+    out = run([int(s) for s in args.sizes.split(",") if s], args.runs)
+    report = {"benchmark": "tiling", "machine": machine(), **out}
     write_json(args.out, report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; results in {args.out}")
 

@@ -37,6 +37,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", default="bench_out/bench_train.json")
     args = ap.parse_args()
+    out = run(args)
+    write_json(args.out, {"benchmark": "train", "machine": machine(), "config": vars(args), **out})
+
+
+def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     s, naug, nt = args.slides, args.naug, args.nt
     feats = rng.gamma(1.0, 0.5, size=(s, naug, nt, 256)).astype(np.float16)
@@ -79,9 +84,11 @@ def main() -> None:
         rows.append({"name": name, **t, "views_per_s": views / t["median_s"]})
         print(f"{name:<10} step {t['median_s'] * 1e3:8.1f} ms   {views / t['median_s']:8.1f} views/s")
     speedup = t_ref["median_s"] / t_ours["median_s"]
-    m = machine()
-    print(f"speedup {speedup:.1f}x  ({s} slides, Naug {naug} x Nt {nt}, batch {b}); machine: {m['cpu']}, {m['cores']} cores")
-    write_json(args.out, {"benchmark": "train", "machine": m, "config": vars(args), "results": rows, "speedup": speedup})
+    print(f"speedup {speedup:.1f}x  ({s} slides, Naug {naug} x Nt {nt}, batch {b})")
+    stage = {"ours_s": t_ours["median_s"], "reference_s": t_ref["median_s"], "speedup": speedup,
+             "unit_rate": {"views_per_s": views / t_ours["median_s"], "step_s": t_ours["median_s"],
+                           "reference_views_per_s": views / t_ref["median_s"]}}
+    return {"stage": stage, "results": rows}
 
 
 if __name__ == "__main__":

@@ -9,3 +9,4 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || python3 -m pip install -q --no-deps -e .
 python3 benchmarks/gpu_check.py "$@"
+python3 -m gigassl_fast bench --quick --out "${OUT:-bench_out}/bench_gpu"

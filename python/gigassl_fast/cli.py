@@ -280,6 +280,26 @@ def probe_cmd(embeddings, labels, out_dir, folds, train_size, repeats, C, search
     click.echo(f"report in {out_dir}: probe.json, probe.md{roc}")
 
 
+@cli.command(name="bench")
+@click.option("--stages", default="tile,encode,train,embed", show_default=True, help="Comma-separated stages to time.")
+@click.option("--quick", is_flag=True, help="Small settings: the whole suite in a few minutes on 2 cores.")
+@click.option("--out", "out_dir", default="bench_out", show_default=True, type=click.Path(file_okay=False))
+def bench_cmd(stages, quick, out_dir) -> None:
+    """Time every stage against its reference implementation on this machine (same data, same run):
+    a table, bench.json, bench.md and a bar chart of the ratios."""
+    from .bench import STAGES, run_bench
+
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown or not chosen:
+        raise click.BadParameter(f"must be among {', '.join(STAGES)} (got {stages!r})", param_hint="--stages")
+    report = run_bench(chosen, quick, out_dir, log=lambda m: click.echo(m, err=True))
+    click.echo(report["table"])
+    m = report["machine"]
+    click.echo(f"machine: {m['cpu']}, {m['cores']} cores, GPU {m.get('gpu') or 'none'}; "
+               f"report in {out_dir}: bench.json, bench.md, bench.png")
+
+
 @cli.command()
 def info() -> None:
     """Versions, devices, and the compute path each stage takes here."""

@@ -1,0 +1,103 @@
+"""``gigassl-fast bench``: every stage against its reference on this machine, in one run and one report.
+
+The stage benchmarks are the scripts in the source tree's ``benchmarks/`` folder (with their reference
+implementations in ``benchmarks/reference/``), so ``bench`` runs from a checkout (``make install``
+installs the package in place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import GigasslError
+
+STAGES = ("tile", "encode", "train", "embed")
+
+#: Settings per stage: (quick, full). Quick finishes the whole suite in a few minutes on 2 cores.
+SETTINGS = {
+    "tile": ({"sizes": [1024, 2048], "runs": 3}, {"sizes": [2048, 4096, 8192], "runs": 7}),
+    "encode": ({"naug": 2, "nt": 16, "slides": 1, "size": 2048, "runs": 1, "device": "auto"},
+               {"naug": 8, "nt": 64, "slides": 1, "size": 6144, "runs": 3, "device": "auto"}),
+    "train": ({"slides": 64, "naug": 2, "nt": 16, "batch_size": 32, "runs": 3},
+              {"slides": 1000, "naug": 5, "nt": 64, "batch_size": 256, "runs": 5}),
+    "embed": ({"slides": 8, "views": 20, "runs": 2}, {"slides": 50, "views": 100, "runs": 3}),
+}
+
+
+def _benchmarks_dir() -> str:
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    if not os.path.isdir(os.path.join(root, "benchmarks", "reference")):
+        raise GigasslError("bench needs the source checkout's benchmarks/ folder; run it from a clone "
+                           "installed with `make install` (pip install -e .)")
+    return root
+
+
+def run_bench(stages: list[str], quick: bool, out_dir: str, log=print) -> dict:
+    root = _benchmarks_dir()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import bench_embed, bench_encode, bench_tiling, bench_train
+    from benchmarks.common import machine
+
+    report = {"machine": machine(), "quick": quick, "stages": {}, "details": {}}
+    for stage in stages:
+        settings = SETTINGS[stage][0 if quick else 1]
+        log(f"== {stage} {json.dumps(settings)}")
+        t = time.time()
+        if stage == "tile":
+            out = bench_tiling.run(settings["sizes"], settings["runs"])
+        else:
+            module = {"encode": bench_encode, "train": bench_train, "embed": bench_embed}[stage]
+            out = module.run(argparse.Namespace(**settings, out=None))
+        report["stages"][stage] = out["stage"]
+        report["details"][stage] = {"settings": settings, "results": out["results"], "seconds": time.time() - t}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.json"), "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2)
+    table = render_table(report)
+    with open(os.path.join(out_dir, "bench.md"), "w", encoding="utf-8") as fh:
+        m = report["machine"]
+        fh.write(f"# gigassl-fast bench\n\nMachine: {m['cpu']}, {m['cores']} cores, GPU {m.get('gpu') or 'none'}, "
+                 f"torch {m.get('torch')}, Python {m['python']}.{' Quick settings.' if quick else ''}\n\n{table}\n")
+    bar_chart(os.path.join(out_dir, "bench.png"), report)
+    report["table"] = table
+    return report
+
+
+def render_table(report: dict) -> str:
+    lines = ["| stage | ours (s) | reference (s) | speedup | rates |", "|---|---|---|---|---|"]
+    for stage, s in report["stages"].items():
+        rates = ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in s["unit_rate"].items())
+        lines.append(f"| {stage} | {s['ours_s']:.3f} | {s['reference_s']:.3f} | {s['speedup']:.1f}x | {rates} |")
+    return "\n".join(lines)
+
+
+def bar_chart(path: str, report: dict) -> None:
+    """Speedup per stage as horizontal bars (log scale), drawn with PIL."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    stages = list(report["stages"].items())
+    w, row, left = 640, 40, 90
+    img = Image.new("RGB", (w, 60 + row * max(1, len(stages))), "white")
+    d = ImageDraw.Draw(img)
+    m = report["machine"]
+    d.text((10, 10), f"speedup over the reference (log scale) - {m['cpu']}, {m['cores']} cores, GPU {m.get('gpu') or 'none'}",
+           fill="black")
+    top = max(10.0, max((s["speedup"] for _, s in stages), default=10.0))
+    scale = (w - left - 80) / math.log10(top * 1.2)
+    x1 = left + scale * math.log10(1.0)
+    for i, (name, s) in enumerate(stages):
+        y = 40 + i * row
+        length = scale * math.log10(max(s["speedup"], 1.0))
+        d.text((10, y + 10), name, fill="black")
+        d.rectangle([x1, y + 5, x1 + max(2, length), y + row - 10], fill=(31, 119, 180))
+        d.text((x1 + length + 6, y + 10), f"{s['speedup']:.1f}x", fill="black")
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
