@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +12,12 @@ SAMPLE_DIR = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "slides"
 SVS = os.path.join(SAMPLE_DIR, "cmu_small_region.svs")
 STRIP_TIFF = os.path.join(SAMPLE_DIR, "kidney-48-5.tif")
 NDPI = os.path.join(SAMPLE_DIR, "fluorescence_dapi.ndpi")
+
+
+def cli(*args, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    """Runs `python -m gigassl_fast ARGS...` as a user would; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "gigassl_fast", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,14 @@
 import json
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
+from conftest import cli
 from gigassl_fast.embed import EmbedParams, view_indices
 from gigassl_fast.errors import GigasslError
 from gigassl_fast.probe import ProbeParams, cv_splits, evaluate, few_shot_splits
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "gigassl_fast", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
 
 
 @pytest.fixture(scope="module")

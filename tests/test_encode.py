@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import SVS
+from conftest import SVS, cli
 from gigassl_fast.cohort import SlideEntry
 from gigassl_fast.encode import EncodeParams, features_path, read_features, run_encode
 from gigassl_fast.h5files import is_complete
@@ -17,10 +17,6 @@ from gigassl_fast.tiling import TileParams
 
 FAST = ["--naug", "3", "--nt", "8", "--batch-size", "16"]
 
-
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "gigassl_fast", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, **kw)
 
 
 def test_feature_file_shapes_dtypes_and_attributes(synthetic_slide, tmp_path):

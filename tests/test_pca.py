@@ -1,17 +1,11 @@
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import cli
 from gigassl_fast.encode import read_features
 from gigassl_fast.errors import GigasslError
 from gigassl_fast.pca import load_pca, project, save_pca
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "gigassl_fast", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
 
 
 def test_projection_matches_scikit_learn(tmp_path):

@@ -1,21 +1,14 @@
 import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import NDPI, STRIP_TIFF, SVS
+from conftest import NDPI, STRIP_TIFF, SVS, cli
 from gigassl_fast.cohort import SlideEntry
 from gigassl_fast.slides import Slide
 from gigassl_fast.tiling import TileParams, read_tile_file, run_tile, tile_slide
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "gigassl_fast", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
 
 
 def test_tile_all_sample_slides_from_the_cli(sample_dir, tmp_path):

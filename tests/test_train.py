@@ -1,23 +1,17 @@
 import json
 import math
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
+from conftest import cli
 from gigassl_fast.errors import GigasslError
 from gigassl_fast.pack import Store, pack
 from gigassl_fast.ssl import build_aggregator, nt_xent
 from gigassl_fast.train import TrainParams, learning_rate
 from gigassl_fast.views import sample_views, spatial_augment
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "gigassl_fast", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
 
 
 @pytest.fixture(scope="module")
