@@ -106,20 +106,24 @@ def tap_scatter_triton(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, ta
 
 
 class _GatherGemm(torch.autograd.Function):
+    """y = x[rows] @ w (+ b) (ReLU optional) by the Triton kernel; the backward in torch ops."""
+
     @staticmethod
-    def forward(ctx, x, rows, w):
-        ctx.save_for_backward(x, rows, w)
-        return gather_gemm_triton(x, rows, w)
+    def forward(ctx, x, rows, w, b, relu):
+        y = gather_gemm_triton(x, rows, w, bias=b, relu=relu)
+        ctx.relu = relu
+        ctx.save_for_backward(x, rows, w, y if relu else None)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, rows, w = ctx.saved_tensors
-        gx = gw = None
-        if ctx.needs_input_grad[2]:
-            gw = (x[rows].float().T @ grad.float()).to(w.dtype)
-        if ctx.needs_input_grad[0]:
-            gx = torch.zeros_like(x, dtype=torch.float32).index_add_(0, rows, grad.float() @ w.float().T).to(x.dtype)
-        return gx, None, gw
+        x, rows, w, y = ctx.saved_tensors
+        g = grad.float() * (y > 0) if ctx.relu else grad.float()
+        gx = torch.zeros_like(x, dtype=torch.float32).index_add_(0, rows, g @ w.float().T).to(x.dtype) \
+            if ctx.needs_input_grad[0] else None
+        gw = (x[rows].float().T @ g).to(w.dtype) if ctx.needs_input_grad[2] else None
+        gb = g.sum(0).to(w.dtype) if ctx.needs_input_grad[3] else None
+        return gx, None, gw, gb, None
 
 
 class _TapScatter(torch.autograd.Function):
@@ -139,7 +143,7 @@ class _TapScatter(torch.autograd.Function):
 
 def gather_gemm(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """float32 (len(rows), N) = x[rows] @ w: the Triton kernel where it runs, else the twin."""
-    return _GatherGemm.apply(x, rows, w) if use_triton(x) else gather_gemm_reference(x, rows, w)
+    return _GatherGemm.apply(x, rows, w, None, False) if use_triton(x) else gather_gemm_reference(x, rows, w)
 
 
 def tap_scatter(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor, n_out: int) -> torch.Tensor:
@@ -160,24 +164,6 @@ def segment_softmax_pool_triton(scores: torch.Tensor, values: torch.Tensor, ptr:
     return out.to(values.dtype)
 
 
-class _GatherLinearRelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, rows, w, b):
-        y = gather_gemm_triton(x, rows, w, bias=b, relu=True)
-        ctx.save_for_backward(x, rows, w, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, rows, w, y = ctx.saved_tensors
-        g = grad.float() * (y > 0)
-        gx = torch.zeros_like(x, dtype=torch.float32).index_add_(0, rows, g @ w.float().T).to(x.dtype) \
-            if ctx.needs_input_grad[0] else None
-        gw = (x[rows].float().T @ g).to(w.dtype) if ctx.needs_input_grad[2] else None
-        gb = g.sum(0).to(w.dtype) if ctx.needs_input_grad[3] else None
-        return gx, None, gw, gb
-
-
 class _SegmentSoftmaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, values, ptr):
@@ -196,7 +182,7 @@ class _SegmentSoftmaxPool(torch.autograd.Function):
 
 def gather_linear_relu(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """relu(x[rows] @ w + b): the fused Triton kernel where it runs, else the twin."""
-    return _GatherLinearRelu.apply(x, rows, w, b) if use_triton(x) else gather_linear_relu_reference(x, rows, w, b)
+    return _GatherGemm.apply(x, rows, w, b, True) if use_triton(x) else gather_linear_relu_reference(x, rows, w, b)
 
 
 def segment_softmax_pool(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from . import __version__
 from .encoders.weights import file_checksum
 from .errors import GigasslError
-from .h5files import atomic_h5, read_attrs, write_attrs
+from .h5files import atomic_h5, read_attrs, read_strings, write_attrs
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def iter_slides(source: str) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict
         attrs = read_attrs(fh)
         if "offsets" not in fh:
             raise GigasslError(f"{source}: not a gigassl-fast store; give a features folder or a `pack` output")
-        ids = [s.decode() if isinstance(s, bytes) else str(s) for s in fh["ids"][:]]
+        ids = read_strings(fh["ids"])
         off = fh["offsets"][:]
         for i, sid in enumerate(ids):
             yield sid, fh["features"][off[i]:off[i + 1]].astype(np.float32), fh["coords"][off[i]:off[i + 1]], attrs
@@ -163,7 +163,7 @@ def read_embeddings(path: str) -> tuple[list[str], np.ndarray]:
         return [str(i) for i in np.load(ids_path, allow_pickle=False)], np.load(path).astype(np.float64)
     try:
         with h5py.File(path, "r") as fh:
-            ids = [s.decode() if isinstance(s, bytes) else str(s) for s in fh["ids"][:]]
+            ids = read_strings(fh["ids"])
             return ids, fh["embeddings"][:].astype(np.float64)
     except (OSError, KeyError) as err:
         raise GigasslError(f"{path}: not an embeddings file with ids and embeddings ({err})") from None

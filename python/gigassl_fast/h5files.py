@@ -66,6 +66,11 @@ def read_attrs(group: h5py.Group | h5py.File) -> dict[str, object]:
     return out
 
 
+def read_strings(dataset: h5py.Dataset) -> list[str]:
+    """A string dataset as Python strings (h5py returns bytes for variable-length strings)."""
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[:]]
+
+
 def is_complete(path: str | os.PathLike, expected: Mapping[str, object]) -> bool:
     """Whether `path` is a complete output whose attributes match `expected` (a reusable result)."""
     try:

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .errors import GigasslError
-from .h5files import atomic_h5, read_attrs, write_attrs
+from .h5files import atomic_h5, read_attrs, read_strings, write_attrs
 
 FORMAT = "gigassl-fast/store/1"
 #: Attributes every slide of a store must share.
@@ -115,7 +115,7 @@ class Store:
                 attrs = read_attrs(fh)
                 if attrs.get("format") != FORMAT or not attrs.get("complete"):
                     raise GigasslError(f"{path}: not a complete gigassl-fast store; run `gigassl-fast pack`")
-                self.ids = [s.decode() if isinstance(s, bytes) else str(s) for s in fh["ids"][:]]
+                self.ids = read_strings(fh["ids"])
                 aug_f = torch.from_numpy(fh["aug/features"][:])
                 aug_xy = torch.from_numpy(fh["aug/coords"][:])
         except (OSError, KeyError) as err:

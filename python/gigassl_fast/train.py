@@ -162,10 +162,11 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         start_epoch, step = ckpt["epoch"], ckpt["step"]
     elif os.path.exists(last):
         raise GigasslError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
+    store_attrs = {k: v for k, v in store.attrs.items() if isinstance(v, (int, float, str))}
     if rank == 0:
         with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
             json.dump({"params": asdict(params), "store": os.path.abspath(store_path), "world_size": world,
-                       "store_attrs": {k: v for k, v in store.attrs.items() if isinstance(v, (int, float, str))},
+                       "store_attrs": store_attrs,
                        "version": __version__}, fh, indent=2)
     steps_per_epoch = store.n_slides // global_batch
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -201,19 +202,17 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
                 with open(log_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps({"epoch": epoch, "step": step, "loss": last_loss, "lr": lr, "views_per_s": rate,
                                          "collapse": collapse}) + "\n")
+        # Every rank's sampler state goes into the checkpoint, so a resumed run draws the same views.
+        rng = [gen.get_state()]
+        if world > 1:
+            rng = [None] * world
+            dist.all_gather_object(rng, gen.get_state())
         if rank == 0:
             state = {"epoch": epoch + 1, "step": step, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                     "rng": [gen.get_state()], "order_rng": order_gen.get_state(), "params": asdict(params),
-                     "in_dim": store.dim, "store_attrs": {k: v for k, v in store.attrs.items()
-                                                          if isinstance(v, (int, float, str))}, "version": __version__}
-            if world > 1:
-                states = [None] * world
-                dist.all_gather_object(states, gen.get_state())
-                state["rng"] = states
+                     "rng": rng, "order_rng": order_gen.get_state(), "params": asdict(params), "in_dim": store.dim,
+                     "store_attrs": store_attrs, "version": __version__}
             if (epoch + 1) % params.checkpoint_every == 0:
                 _atomic_save(state, os.path.join(out_dir, f"checkpoint_e{epoch + 1:04d}.pt"))
             _atomic_save(state, last)
             log(f"epoch {epoch + 1}/{params.epochs}  loss {last_loss:.4f}  lr {lr:.2e}  collapse {collapse:.3f}")
-        elif world > 1:
-            dist.all_gather_object([None] * world, gen.get_state())
     return {"checkpoint": last, "steps": step, "last_loss": last_loss}
