@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=1)
     ap.add_argument("--size", type=int, default=6144, help="side of the synthetic slides in pixels (0.5 µm/px)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda: both sides run there")
     ap.add_argument("--out", default="bench_out/bench_encode.json")
     args = ap.parse_args()
     out = run(args)
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> dict:
     params = EncodeParams(encoder="resnet18-l3", weights=weights, naug=args.naug, nt=args.nt, batch_size=64,
                           device=args.device, tiles=TileParams(mpp=1.0)).validate()
     enc = TileEncoder(params)
+    ref_model = ref_model.to(enc.device)
     grids = []
     for p in paths:
         with Slide(p) as s:
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
         for p, g in zip(paths, grids, strict=True):
             with Slide(p, reader="openslide") as s:
                 reference_encode(s, g.coords, int(g.attrs["read_level"]), int(g.attrs["read_tile_size"]), 224,
-                                 ref_model, args.naug, args.nt, 0, enc.config.mean, enc.config.std)
+                                 ref_model, args.naug, args.nt, 0, enc.config.mean, enc.config.std, enc.device)
 
     t_ours = time_runs(ours, runs=args.runs, warmup=0)
     t_ref = time_runs(reference, runs=args.runs, warmup=0)

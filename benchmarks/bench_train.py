@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import machine, time_runs, write_json  # noqa: E402
+from benchmarks.common import bench_device, machine, time_runs, write_json  # noqa: E402
 from benchmarks.reference.train import reference_forward, reference_view, write_reference_dataset  # noqa: E402
 from gigassl_fast.ssl import nt_xent  # noqa: E402
 from gigassl_fast.train import build_model, contrastive_step  # noqa: E402
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--nt", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda: both sides run there")
     ap.add_argument("--out", default="bench_out/bench_train.json")
     args = ap.parse_args()
     out = run(args)
@@ -49,17 +50,19 @@ def run(args: argparse.Namespace) -> dict:
     coords = origin + rng.integers(0, 60, size=(s, naug, nt, 2)) * 896
     root = tempfile.mkdtemp(prefix="bench_train_")
     write_reference_dataset(root, feats, coords)
-    store_f, store_xy = torch.from_numpy(feats), torch.from_numpy(coords)
+    dev = bench_device(getattr(args, "device", "auto"))
+    # Ours keeps the packed store on the device, as `train` does when it fits.
+    store_f, store_xy = torch.from_numpy(feats).to(dev), torch.from_numpy(coords).to(dev)
     torch.manual_seed(0)
-    model = build_model("sparse-layer4", 256).train()
+    model = build_model("sparse-layer4", 256).to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     b = args.batch_size
 
     def ours():
         batch = torch.randint(0, s, (b,), generator=gen)
-        v1 = sample_views(store_f, store_xy, batch, 5, gen, torch.device("cpu"))
-        v2 = sample_views(store_f, store_xy, batch, 5, gen, torch.device("cpu"))
+        v1 = sample_views(store_f, store_xy, batch, 5, gen, dev, fused=True)
+        v2 = sample_views(store_f, store_xy, batch, 5, gen, dev, fused=True)
         opt.zero_grad(set_to_none=True)
         contrastive_step(model, v1, v2, 0.05)
         opt.step()
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         f2 = np.stack([p[1][0] for p in pairs]).astype(np.float32)
         l2 = np.stack([p[1][1] for p in pairs])
         opt.zero_grad(set_to_none=True)
-        loss = nt_xent(reference_forward(model, f1, l1), reference_forward(model, f2, l2), 0.05)
+        loss = nt_xent(reference_forward(model, f1, l1, dev), reference_forward(model, f2, l2, dev), 0.05)
         loss.backward()
         opt.step()
 
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({"name": name, **t, "views_per_s": views / t["median_s"]})
         print(f"{name:<10} step {t['median_s'] * 1e3:8.1f} ms   {views / t['median_s']:8.1f} views/s")
     speedup = t_ref["median_s"] / t_ours["median_s"]
-    print(f"speedup {speedup:.1f}x  ({s} slides, Naug {naug} x Nt {nt}, batch {b})")
+    print(f"speedup {speedup:.1f}x  ({s} slides, Naug {naug} x Nt {nt}, batch {b}, device {dev})")
     stage = {"ours_s": t_ours["median_s"], "reference_s": t_ref["median_s"], "speedup": speedup,
              "unit_rate": {"views_per_s": views / t_ours["median_s"], "step_s": t_ours["median_s"],
                            "reference_views_per_s": views / t_ref["median_s"]}}

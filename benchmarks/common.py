@@ -31,16 +31,68 @@ def machine() -> dict:
     return info
 
 
+def bench_device(name: str = "auto"):
+    """The torch device a benchmark runs both sides on: `auto` is the GPU when there is one."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync() -> None:
+    # GPU work is asynchronous: a host clock read before it finishes would time the launches only.
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_runs(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> dict:
-    """Median and spread (min, max) in seconds of `runs` calls after `warmup` calls."""
+    """Median and spread (min, max) in seconds of `runs` calls after `warmup` calls (GPU work included:
+    the device is synchronised before each clock read)."""
     for _ in range(warmup):
         fn()
+    _sync()
+    _reset_peak_memory()
     times = []
     for _ in range(runs):
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": runs}
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": runs,
+            **_peak_memory()}
+
+
+def _reset_peak_memory() -> None:
+    # Linux resets the process's peak resident set (VmHWM) on "5" written to clear_refs.
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory() -> dict:
+    """Peak resident memory of the process (MiB) over the timed runs, and peak GPU memory allocated."""
+    out = {}
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    out["peak_rss_mib"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def write_json(path: str, data: dict) -> None:

@@ -1,12 +1,47 @@
 #!/usr/bin/env bash
-# GPU check: installs what a bare GPU machine lacks from wheels carried in .whl/ (cuCIM, this package's
-# pure-Python dependencies), builds the package, then checks GPU against CPU paths and times them.
-# Usage on the GPU machine, from the repository root:  bash benchmarks/gpu_check.sh
-set -euo pipefail
+# GPU check, one script for a bare GPU machine (about 8 minutes on an H100):
+#   1. installs what the machine lacks from wheels carried in .whl/ (cuCIM and nvImageCodec for GPU
+#      decoding, OpenSlide for the reference reader, imagecodecs to write the synthetic JPEG slides);
+#   2. builds and installs this package in place (falls back to a plain CMake build when pip cannot);
+#   3. benchmarks/gpu_check.py: GPU paths against CPU paths, Triton kernels against their twins, rates;
+#   4. `gigassl-fast bench --quick --device cuda`, then the full-size encode, train and embed benchmarks.
+# Usage, from the repository root:  bash benchmarks/gpu_check.sh      (results in $OUT or bench_out/)
+# Fetch the wheels beforehand on a machine with pip access (see BENCHMARKS.md, "GPU check").
+set -uo pipefail
+out="${OUT:-bench_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step() { echo; echo "#### $* ($(date +%T))"; }
+
+step "install carried wheels"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || python3 -m pip install -q --no-deps -e .
-python3 benchmarks/gpu_check.py "$@"
-python3 -m gigassl_fast bench --quick --out "${OUT:-bench_out}/bench_gpu"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
+
+step "build and install gigassl-fast"
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/build.log 2>&1; then
+  echo "pip install -e . failed (tail of build.log below); building with CMake directly"
+  tail -5 /tmp/build.log
+  cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" >>/tmp/build.log 2>&1 \
+    && cmake --build build/gpu -j 16 >>/tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
+  cp build/gpu/_core*.so python/gigassl_fast/
+  ln -sfn ../../kernels python/gigassl_fast/kernels
+  export PYTHONPATH=$PWD/python:$PYTHONPATH
+fi
+python3 -m gigassl_fast info
+
+step "gpu_check.py"
+python3 benchmarks/gpu_check.py --out "$out" "$@"
+check=$?
+
+step "bench --quick on the GPU"
+timeout 240 python3 -m gigassl_fast bench --quick --device cuda --out "$out/bench_quick"
+
+step "bench (full settings: encode, train, embed) on the GPU"
+timeout 300 python3 -m gigassl_fast bench --stages encode,train,embed --device cuda --out "$out/bench_full"
+
+step "done"
+exit $check

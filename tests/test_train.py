@@ -11,7 +11,7 @@ from gigassl_fast.errors import GigasslError
 from gigassl_fast.pack import Store, pack
 from gigassl_fast.ssl import build_aggregator, nt_xent
 from gigassl_fast.train import TrainParams, learning_rate
-from gigassl_fast.views import sample_views, spatial_augment
+from gigassl_fast.views import StoreRows, sample_views, spatial_augment
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,7 @@ def store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     for i in range(6):
-        write_synthetic_slide(root / "slides" / f"s{i}.tif" if False else root / f"s{i}.tif", 2048, 1536, mpp=0.5,
-                              seed=40 + i)
+        write_synthetic_slide(root / f"s{i}.tif", 2048, 1536, mpp=0.5, seed=40 + i)
     r = cli("encode", root, "--out", root / "out", "--encoder", "resnet18-l3", "--weights", "random", "--naug", "3",
             "--nt", "16", "--tile-size", "112")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -71,6 +70,37 @@ def test_views_gather_the_right_tiles_and_augment_coordinates():
     d = (q[:, 1] - q[:, 0]).norm(dim=1)
     assert d.min() > 0.7 * 896 - 3 and d.max() < 1.3 * 896 + 3
     assert q.std(dim=0).mean() > 100  # rotations and translations vary per view
+
+
+def test_fused_views_point_at_the_tiles_the_copy_path_gathers():
+    feats = torch.randn(4, 3, 7, 8, dtype=torch.float16)
+    coords = torch.randint(0, 10**5, (4, 3, 7, 2))
+    slides = torch.tensor([2, 0, 3, 2])
+    f, l = sample_views(feats, coords, slides, 5, torch.Generator().manual_seed(0), torch.device("cpu"))
+    r, l2 = sample_views(feats, coords, slides, 5, torch.Generator().manual_seed(0), torch.device("cpu"), fused=True)
+    assert isinstance(r, StoreRows) and r.shape == (4, 5, 8) and r.table.data_ptr() == feats.data_ptr()  # no copy
+    assert torch.equal(r.gather(), f) and torch.equal(l, l2)
+    assert (r.rows // (3 * 7) == slides[:, None]).all()  # every row belongs to the view's slide
+
+
+@pytest.mark.parametrize("name", ["sparse-layer4", "mlp", "abmil"])
+def test_aggregators_read_store_rows_in_place_as_from_a_copy(name):
+    """The fused first layers (rows read from the table) compute what the copy path computes, forward and
+    backward, also where several tiles of a view share a grid cell (sites averaged, pairs weighted)."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(400, 256, generator=g).half()
+    rows = torch.randint(0, 400, (24, 5), generator=g)
+    locs = torch.randint(0, 4, (24, 5, 2), generator=g) * 224  # a 4x4 grid: many coincident tiles
+    torch.manual_seed(0)
+    agg = build_aggregator(name, 256).train()
+    r = torch.randn(24, 512, generator=g)
+    out_copy = agg(table[rows].float(), locs)
+    grads_copy = torch.autograd.grad((out_copy * r).sum(), list(agg.parameters()))
+    out_rows = agg(StoreRows(table, rows), locs)
+    grads_rows = torch.autograd.grad((out_rows * r).sum(), list(agg.parameters()))
+    torch.testing.assert_close(out_rows, out_copy, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_rows, grads_copy, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_nt_xent_matches_the_definition():

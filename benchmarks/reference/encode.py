@@ -33,15 +33,18 @@ class FullResNet18(ResNet18Layer3):
 
 
 def reference_encode(slide, coords: np.ndarray, level: int, read_size: int, tile: int, model: FullResNet18,
-                     naug: int, nt: int, seed: int, mean, std) -> tuple[np.ndarray, np.ndarray]:
-    """(plain features (N, 256), augmented features (naug, nt, 256)) the reference way."""
-    mean = torch.tensor(mean).view(1, 3, 1, 1)
-    std = torch.tensor(std).view(1, 3, 1, 1)
+                     naug: int, nt: int, seed: int, mean, std, device: torch.device | str = "cpu",
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(plain features (N, 256), augmented features (naug, nt, 256)) the reference way; the model (already
+    on `device`) runs in float32 there, each read region is sent there as it is read."""
+    dev = torch.device(device)
+    mean = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=dev).view(1, 3, 1, 1)
 
     def read(i: int) -> torch.Tensor:
         x, y = coords[i]
         region = slide.read_region(int(x), int(y), level, read_size, read_size)
-        t = torch.from_numpy(region).permute(2, 0, 1).float()[None] / 255
+        t = torch.from_numpy(region).to(dev).permute(2, 0, 1).float()[None] / 255
         return F.interpolate(t, size=(tile, tile), mode="bilinear", antialias=True) if read_size != tile else t
 
     model.eval()
@@ -54,4 +57,4 @@ def reference_encode(slide, coords: np.ndarray, level: int, read_size: int, tile
             p = draw_params(gen, tile)
             batch = torch.cat([read(int(i)) for i in draws[a]])
             aug.append(model((augment(batch, p, 224) - mean) / std))
-    return torch.cat(plain).numpy(), torch.stack(aug).numpy()
+    return torch.cat(plain).cpu().numpy(), torch.stack(aug).cpu().numpy()

@@ -76,31 +76,35 @@ def _python_rules(cells: np.ndarray):
 
 
 def _conv(x, w, rules, n_out):
-    out = torch.zeros(n_out, w.shape[0])
+    out = torch.zeros(n_out, w.shape[0], device=x.device)
     for t in range(9):
         sel = rules[rules[:, 2] == t]
         if len(sel):
             kh, kw = divmod(t, 3)
-            out = out.index_add(0, torch.from_numpy(sel[:, 1]), x[torch.from_numpy(sel[:, 0])] @ w[:, :, kh, kw].T)
+            idx = torch.from_numpy(sel).to(x.device)
+            out = out.index_add(0, idx[:, 1], x[idx[:, 0]] @ w[:, :, kh, kw].T)
     return out
 
 
-def reference_forward(model, feats: np.ndarray, locs: np.ndarray) -> torch.Tensor:
-    """model: gigassl_fast SimCLRMIL with a SparseConvMIL backbone (its weights and batch norms)."""
+def reference_forward(model, feats: np.ndarray, locs: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """model: gigassl_fast SimCLRMIL with a SparseConvMIL backbone (its weights and batch norms), on
+    `device`; the views' arrays are moved there once the rulebooks are built, as the reference does."""
     q = locs.astype(np.float32) / np.float32(224)
     cells = np.trunc(q - q.min(axis=1, keepdims=True)).astype(np.int64)
     n0, tile_site, n1, strided, sub, views = _python_rules(cells)
-    x = torch.from_numpy(feats.reshape(-1, feats.shape[-1])).float()
-    ts = torch.from_numpy(tile_site)
-    x0 = torch.zeros(n0, x.shape[1]).index_add(0, ts, x) / torch.bincount(ts, minlength=n0)[:, None]
+    dev = torch.device(device)
+    x = torch.from_numpy(feats.reshape(-1, feats.shape[-1])).float().to(dev)
+    ts = torch.from_numpy(tile_site).to(dev)
+    x0 = torch.zeros(n0, x.shape[1], device=dev).index_add(0, ts, x) / torch.bincount(ts, minlength=n0)[:, None]
     bb = model.backbone
     c1 = _conv(x0, bb.block0.conv1, strided, n1)
-    pooled = torch.zeros(n1, x0.shape[1]).index_add(0, torch.from_numpy(strided[:, 1]), x0[torch.from_numpy(strided[:, 0])]) / 9
+    st = torch.from_numpy(strided).to(dev)
+    pooled = torch.zeros(n1, x0.shape[1], device=dev).index_add(0, st[:, 1], x0[st[:, 0]]) / 9
     a = F.relu(bb.block0.bn1(c1))
     a = bb.block0.bn2(_conv(a, bb.block0.conv2, sub, n1))
     x1 = F.relu(a + bb.block0.bnd(pooled @ bb.block0.convd[:, :, 0, 0].T))
     a = F.relu(bb.block1.bn1(_conv(x1, bb.block1.conv1, sub, n1)))
     x2 = F.relu(bb.block1.bn2(_conv(a, bb.block1.conv2, sub, n1)) + x1)
-    vt = torch.from_numpy(views)
-    pooled_views = torch.zeros(feats.shape[0], x2.shape[1]).index_add(0, vt, x2) / torch.bincount(vt)[:, None]
+    vt = torch.from_numpy(views).to(dev)
+    pooled_views = torch.zeros(feats.shape[0], x2.shape[1], device=dev).index_add(0, vt, x2) / torch.bincount(vt)[:, None]
     return model.projector(pooled_views)

@@ -20,8 +20,8 @@ STAGES = ("tile", "encode", "train", "embed")
 #: Settings per stage: (quick, full). Quick finishes the whole suite in a few minutes on 2 cores.
 SETTINGS = {
     "tile": ({"sizes": [1024, 2048], "runs": 3}, {"sizes": [2048, 4096, 8192], "runs": 7}),
-    "encode": ({"naug": 2, "nt": 16, "slides": 1, "size": 2048, "runs": 1, "device": "auto"},
-               {"naug": 8, "nt": 64, "slides": 1, "size": 6144, "runs": 3, "device": "auto"}),
+    "encode": ({"naug": 2, "nt": 16, "slides": 1, "size": 2048, "runs": 1},
+               {"naug": 8, "nt": 64, "slides": 1, "size": 6144, "runs": 3}),
     "train": ({"slides": 64, "naug": 2, "nt": 16, "batch_size": 32, "runs": 3},
               {"slides": 1000, "naug": 5, "nt": 64, "batch_size": 256, "runs": 5}),
     "embed": ({"slides": 8, "views": 20, "runs": 2}, {"slides": 50, "views": 100, "runs": 3}),
@@ -36,16 +36,20 @@ def _benchmarks_dir() -> str:
     return root
 
 
-def run_bench(stages: list[str], quick: bool, out_dir: str, log=print) -> dict:
+def run_bench(stages: list[str], quick: bool, out_dir: str, log=print, device: str = "auto") -> dict:
+    """Runs the stage benchmarks; `device` (auto, cpu, cuda) is where both sides of encode, train and
+    embed run (tiling is CPU code on both sides)."""
     root = _benchmarks_dir()
     if root not in sys.path:
         sys.path.insert(0, root)
     from benchmarks import bench_embed, bench_encode, bench_tiling, bench_train
     from benchmarks.common import machine
 
-    report = {"machine": machine(), "quick": quick, "stages": {}, "details": {}}
+    report = {"machine": machine(), "quick": quick, "device": device, "stages": {}, "details": {}}
     for stage in stages:
-        settings = SETTINGS[stage][0 if quick else 1]
+        settings = dict(SETTINGS[stage][0 if quick else 1])
+        if stage != "tile":
+            settings["device"] = device
         log(f"== {stage} {json.dumps(settings)}")
         t = time.time()
         if stage == "tile":
@@ -53,6 +57,8 @@ def run_bench(stages: list[str], quick: bool, out_dir: str, log=print) -> dict:
         else:
             module = {"encode": bench_encode, "train": bench_train, "embed": bench_embed}[stage]
             out = module.run(argparse.Namespace(**settings, out=None))
+        ours = next((r for r in out["results"] if r.get("name") == "ours"), {})
+        out["stage"]["peak_memory_mib"] = {k: round(v, 1) for k, v in ours.items() if k.startswith("peak_")}
         report["stages"][stage] = out["stage"]
         report["details"][stage] = {"settings": settings, "results": out["results"], "seconds": time.time() - t}
     os.makedirs(out_dir, exist_ok=True)
@@ -69,10 +75,11 @@ def run_bench(stages: list[str], quick: bool, out_dir: str, log=print) -> dict:
 
 
 def render_table(report: dict) -> str:
-    lines = ["| stage | ours (s) | reference (s) | speedup | rates |", "|---|---|---|---|---|"]
+    lines = ["| stage | ours (s) | reference (s) | speedup | rates | peak memory (MiB) |", "|---|---|---|---|---|---|"]
     for stage, s in report["stages"].items():
         rates = ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in s["unit_rate"].items())
-        lines.append(f"| {stage} | {s['ours_s']:.3f} | {s['reference_s']:.3f} | {s['speedup']:.1f}x | {rates} |")
+        mem = ", ".join(f"{k.removeprefix('peak_').removesuffix('_mib')} {v:,.0f}" for k, v in s.get("peak_memory_mib", {}).items())
+        lines.append(f"| {stage} | {s['ours_s']:.3f} | {s['reference_s']:.3f} | {s['speedup']:.1f}x | {rates} | {mem} |")
     return "\n".join(lines)
 
 

@@ -284,7 +284,9 @@ def probe_cmd(embeddings, labels, out_dir, folds, train_size, repeats, C, search
 @click.option("--stages", default="tile,encode,train,embed", show_default=True, help="Comma-separated stages to time.")
 @click.option("--quick", is_flag=True, help="Small settings: the whole suite in a few minutes on 2 cores.")
 @click.option("--out", "out_dir", default="bench_out", show_default=True, type=click.Path(file_okay=False))
-def bench_cmd(stages, quick, out_dir) -> None:
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where both sides of encode, train and embed run (auto: the GPU when there is one).")
+def bench_cmd(stages, quick, out_dir, device) -> None:
     """Time every stage against its reference implementation on this machine (same data, same run):
     a table, bench.json, bench.md and a bar chart of the ratios."""
     from .bench import STAGES, run_bench
@@ -293,7 +295,12 @@ def bench_cmd(stages, quick, out_dir) -> None:
     unknown = [s for s in chosen if s not in STAGES]
     if unknown or not chosen:
         raise click.BadParameter(f"must be among {', '.join(STAGES)} (got {stages!r})", param_hint="--stages")
-    report = run_bench(chosen, quick, out_dir, log=lambda m: click.echo(m, err=True))
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter("no CUDA device here; use --device cpu or auto", param_hint="--device")
+    report = run_bench(chosen, quick, out_dir, log=lambda m: click.echo(m, err=True), device=device)
     click.echo(report["table"])
     m = report["machine"]
     click.echo(f"machine: {m['cpu']}, {m['cores']} cores, GPU {m.get('gpu') or 'none'}; "

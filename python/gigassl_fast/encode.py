@@ -178,7 +178,9 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
     gen = torch.Generator().manual_seed(slide_seed(params.seed, slide_id))
     indices = torch.randint(0, max(n, 1), (params.naug, params.nt), generator=gen, dtype=torch.int64)
     needed = np.unique(indices.numpy()) if n else np.zeros(0, np.int64)
-    pool = np.empty((len(needed), tile, tile, 3), np.uint8)  # tiles the augmented batches draw from
+    # Tiles the augmented batches draw from, kept where the encoder runs: on a GPU, decoded tiles never
+    # travel back to the host.
+    pool = torch.empty((len(needed), tile, tile, 3), dtype=torch.uint8, device=enc.device)
     slot = np.full(max(n, 1), -1, np.int64)
     slot[needed] = np.arange(len(needed))
     features = np.empty((n, enc.out_dim), np.float16)
@@ -201,8 +203,10 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
             x = _to_float(raw, tile)
             keep = slot[start:stop] >= 0
             if keep.any():
-                pool[slot[start:stop][keep]] = (x[torch.from_numpy(keep).to(x.device)] * 255).round().byte() \
-                    .permute(0, 2, 3, 1).cpu().numpy()
+                sel = torch.from_numpy(np.flatnonzero(keep)).to(x.device)
+                into = torch.from_numpy(slot[start:stop][keep]).to(x.device)
+                pool[into] = raw.index_select(0, sel) if raw.shape[1] == tile else \
+                    (x.index_select(0, sel) * 255).round().byte().permute(0, 2, 3, 1)
             t = time.perf_counter()
             features[start:stop] = enc(x if tile == size else F.interpolate(
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).numpy()
@@ -218,7 +222,7 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
         feats = np.empty((len(unique), enc.out_dim), np.float32)
         for start in range(0, len(unique), params.batch_size):
             t = time.perf_counter()
-            batch = _to_float(torch.from_numpy(pool[unique[start:start + params.batch_size]]).to(enc.device), tile)
+            batch = _to_float(pool[torch.from_numpy(unique[start:start + params.batch_size]).to(enc.device)], tile)
             batch = augment(batch, p, size)
             timings["augment"] += time.perf_counter() - t
             t = time.perf_counter()

@@ -182,8 +182,10 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
             lr = learning_rate(step, steps_per_epoch, params, world)
             for g in opt.param_groups:
                 g["lr"] = lr
-            f1, l1 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device)
-            f2, l2 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device)
+            f1, l1 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device,
+                                  fused=True)
+            f2, l2 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device,
+                                  fused=True)
             opt.zero_grad(set_to_none=True)
             loss, z1 = contrastive_step(model, (f1, l1), (f2, l2), params.temperature)
             if not torch.isfinite(loss):

@@ -5,11 +5,44 @@ replacement, then a random spatial augmentation of their level-0 coordinates: ro
 drawn in U(-180, 180) and used as radians (as the reference), horizontal and vertical flips with
 p = 0.5, per-axis scaling U(0.7, 1.3), and a translation drawn per axis in U{0 .. extent - 1}:
 p' = trunc(float32(p - t) @ M) with M = R(theta) diag(flips) diag(scales).
+
+When the packed store sits on the device the model runs on, a view's features are not copied out: the
+sampler returns the row numbers it picked (``StoreRows``) and the aggregator's first layer reads those
+rows straight from the store (the fused gather-GEMM kernels).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class StoreRows(NamedTuple):
+    """Tile features given by reference: rows of a (T, D) table picked for each view."""
+
+    table: torch.Tensor  # (T, D), e.g. the packed store's augmented features, float16
+    rows: torch.Tensor  # (B, k) int64 row numbers into `table`
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.rows.shape, self.table.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
+    def gather(self) -> torch.Tensor:
+        """float32 (B, k, D) copy of the rows: for code that needs the features as a tensor."""
+        return self.table[self.rows].float()
+
+
+def tile_features(features: torch.Tensor | StoreRows) -> StoreRows:
+    """Either form as StoreRows (a (B, k, D) tensor becomes its own table, rows in order)."""
+    if isinstance(features, StoreRows):
+        return features
+    b, k, d = features.shape
+    return StoreRows(features.reshape(b * k, d), torch.arange(b * k, device=features.device).view(b, k))
 
 
 def spatial_augment(locs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -33,14 +66,25 @@ def spatial_augment(locs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def sample_views(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: torch.Tensor, k: int,
-                 gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One view per entry of `slides` (B,): float32 features (B, k, D) and augmented int64 coordinates
-    (B, k, 2) on `device`, gathered straight from the store tensors (S, Naug, Nt, D) / (S, Naug, Nt, 2)."""
+                 gen: torch.Generator, device: torch.device, fused: bool = False,
+                 ) -> tuple[torch.Tensor | StoreRows, torch.Tensor]:
+    """One view per entry of `slides` (B,): features and augmented int64 coordinates (B, k, 2) on `device`,
+    drawn from the store tensors (S, Naug, Nt, D) / (S, Naug, Nt, 2).
+
+    Features: float32 (B, k, D) on `device`; or, with ``fused`` and the store already on `device`, the
+    ``StoreRows`` the aggregators read in place (no copy).
+    """
     b = slides.shape[0]
-    naug, nt = aug_features.shape[1], aug_features.shape[2]
+    s_, naug, nt = aug_features.shape[:3]
     a = torch.randint(0, naug, (b,), generator=gen, device=gen.device).to(aug_features.device)
     t = torch.randint(0, nt, (b, k), generator=gen, device=gen.device).to(aug_features.device)
     s = slides.to(aug_features.device)
-    feats = aug_features[s[:, None], a[:, None], t].to(device, non_blocking=True).float()
     locs = aug_coords[s[:, None], a[:, None], t].to(device, non_blocking=True)
+    want = torch.device(device)
+    same = aug_features.device.type == want.type and want.index in (None, aug_features.device.index)
+    if fused and same and aug_features.is_contiguous():
+        rows = (s[:, None] * naug + a[:, None]) * nt + t
+        feats = StoreRows(aug_features.view(s_ * naug * nt, -1), rows)
+    else:
+        feats = aug_features[s[:, None], a[:, None], t].to(device, non_blocking=True).float()
     return feats, spatial_augment(locs, gen)

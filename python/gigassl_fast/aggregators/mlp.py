@@ -1,10 +1,14 @@
 """Aggregators without a spatial model: the reference's residual MLP (spec §7.2) and gated attention
-MIL. Both take features (B, k, D) (locations are ignored) and give (B, 512)."""
+MIL. Both take features (B, k, D) or ``StoreRows`` (locations are ignored) and give (B, 512); their
+first layer reads the tiles' rows in place (gather + linear + ReLU kernel)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..kernels.sparse_bag import gather_gemm, gather_linear_relu, segment_softmax_pool
+from ..views import StoreRows, tile_features
 
 
 class ResidualMLPBlock(nn.Module):
@@ -15,8 +19,18 @@ class ResidualMLPBlock(nn.Module):
         self.skip = nn.Sequential(nn.Linear(cin, cout), nn.BatchNorm1d(cout)) if cin != cout else nn.Identity()
         self.relu = nn.ReLU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.main(x) + self.skip(x))
+    def forward(self, x: torch.Tensor | StoreRows) -> torch.Tensor:
+        if not isinstance(x, StoreRows):
+            return self.relu(self.main(x) + self.skip(x))
+        # main = Linear, ReLU, Dropout, BN, Linear, Dropout, BN: its first two fused over the rows
+        rows = x.rows.reshape(-1)
+        lin = self.main[0]
+        h = self.main[2:](gather_linear_relu(x.table, rows, lin.weight.T, lin.bias))
+        if isinstance(self.skip, nn.Identity):
+            skip = x.table[rows].float()
+        else:
+            skip = self.skip[1](gather_gemm(x.table, rows, self.skip[0].weight.T) + self.skip[0].bias)
+        return self.relu(h + skip)
 
 
 class ResidualMLP(nn.Module):
@@ -26,9 +40,9 @@ class ResidualMLP(nn.Module):
         super().__init__()
         self.blocks = nn.Sequential(ResidualMLPBlock(in_dim, dim), ResidualMLPBlock(dim, dim))
 
-    def forward(self, features: torch.Tensor, locations: torch.Tensor | None = None) -> torch.Tensor:
-        b, k, d = features.shape
-        return self.blocks(features.reshape(b * k, d)).view(b, k, -1).mean(dim=1)
+    def forward(self, features: torch.Tensor | StoreRows, locations: torch.Tensor | None = None) -> torch.Tensor:
+        b, k, _ = features.shape
+        return self.blocks[1](self.blocks[0](tile_features(features))).view(b, k, -1).mean(dim=1)
 
 
 class GatedAttentionMIL(nn.Module):
@@ -42,14 +56,11 @@ class GatedAttentionMIL(nn.Module):
         self.u = nn.Linear(dim, att_dim)
         self.w = nn.Linear(att_dim, 1)
 
-    def forward(self, features: torch.Tensor, locations: torch.Tensor | None = None) -> torch.Tensor:
-        from ..kernels.sparse_bag import gather_linear_relu, segment_softmax_pool
-
-        b, k, d = features.shape
-        flat = features.reshape(b * k, d)
-        rows = torch.arange(b * k, device=flat.device)
+    def forward(self, features: torch.Tensor | StoreRows, locations: torch.Tensor | None = None) -> torch.Tensor:
+        b, k, _ = features.shape
+        x = tile_features(features)
         lin = self.embed[0]
-        h = gather_linear_relu(flat, rows, lin.weight.T, lin.bias)  # (B*k, dim)
+        h = gather_linear_relu(x.table, x.rows.reshape(-1), lin.weight.T, lin.bias)  # (B*k, dim)
         scores = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(1)  # (B*k,)
-        ptr = torch.arange(0, b * k + 1, k, device=flat.device)
+        ptr = torch.arange(0, b * k + 1, k, device=h.device)
         return segment_softmax_pool(scores, h, ptr)

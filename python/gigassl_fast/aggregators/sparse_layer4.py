@@ -22,14 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..views import StoreRows
 from . import rulebook as rb
 
 IN_DIM, OUT_DIM = 256, 512
 
 
 def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
-                n_out: int) -> torch.Tensor:
-    """out[dst] += x[src] @ W[tap]^T over the rule pairs; W dense (out, in, 3, 3), tap = 3 * kh + kw.
+                n_out: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """out[dst] += scale * x[src] @ W[tap]^T over the rule pairs; W dense (out, in, 3, 3), tap = 3 * kh + kw;
+    `scale` (per pair) optional.
 
     Pairs are grouped by tap and each group is one gather-GEMM (x rows straight into the product, no
     copy), so only products that exist are computed: isolated sites use the centre tap alone, where a
@@ -44,8 +46,10 @@ def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: t
     bounds = torch.searchsorted(tap[order], torch.arange(10, device=tap.device)).tolist()
     # Concatenated, not written into slices of one buffer: autograd would copy the whole gradient
     # once per slice.
-    prod = torch.cat([gather_gemm(x, src[order[bounds[t]:bounds[t + 1]]], w[t]).to(x.dtype)
+    prod = torch.cat([gather_gemm(x, src[order[bounds[t]:bounds[t + 1]]], w[t]).to(w.dtype)
                       for t in range(9) if bounds[t + 1] > bounds[t]])
+    if scale is not None:
+        prod = prod * scale[order][:, None]
     return tap_scatter(prod[:, None, :], torch.arange(len(order), device=x.device), dst[order],
                        torch.zeros_like(order), n_out)
 
@@ -127,9 +131,10 @@ class SparseConvMIL(nn.Module):
         return model
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, locations: torch.Tensor, trace: dict | None = None,
+    def forward(self, features: torch.Tensor | StoreRows, locations: torch.Tensor, trace: dict | None = None,
                 per_view: bool = False) -> torch.Tensor:
-        """(B, 512) pooled output. `trace`, if a dict, receives the intermediate sparse tensors.
+        """(B, 512) pooled output. `features`: (B, k, 256), or ``StoreRows`` read in place by the first
+        layer. `trace`, if a dict, receives the intermediate sparse tensors (tensor features only).
         ``per_view``: each view gets its own spatial size, so a batch of views gives what running them
         one at a time would (the reference's inference) while running as one batch."""
         b = features.shape[0]
@@ -141,27 +146,61 @@ class SparseConvMIL(nn.Module):
         rules = rb.build_rules(cells, spatial, per_view=per_view)
         dev = features.device
         inp, out_sites = rules.inp, rules.out
-        x0 = _segment_mean(features.reshape(-1, features.shape[-1]), rules.tile_site.to(dev), len(inp.keys))
         src, dst, tap = (t.to(dev) for t in rules.strided)
         n1 = len(out_sites.keys)
         blk = self.block0
-        c1 = _tap_matmul(x0, blk.conv1, src, dst, tap, n1)
-        pooled = torch.zeros(n1, x0.shape[1], dtype=x0.dtype, device=x0.device).index_add_(0, dst, x0[src]) / 9
+        if isinstance(features, StoreRows):
+            c1, dpre = self._first_layer_in_place(features, rules.tile_site.to(dev), len(inp.keys), src, dst, tap, n1)
+        else:
+            x0 = _segment_mean(features.reshape(-1, features.shape[-1]), rules.tile_site.to(dev), len(inp.keys))
+            c1 = _tap_matmul(x0, blk.conv1, src, dst, tap, n1)
+            pooled = torch.zeros(n1, x0.shape[1], dtype=x0.dtype, device=x0.device).index_add_(0, dst, x0[src]) / 9
+            dpre = pooled @ blk.convd[:, :, 0, 0].T
         s_src, s_dst, s_tap = (t.to(dev) for t in rules.submanifold)
 
         a = F.relu(blk.bn1(c1))
         a = blk.bn2(_tap_matmul(a, blk.conv2, s_src, s_dst, s_tap, n1))
-        d = blk.bnd(pooled @ blk.convd[:, :, 0, 0].T)
+        d = blk.bnd(dpre)
         x1 = F.relu(a + d)
         blk = self.block1
         a = F.relu(blk.bn1(_tap_matmul(x1, blk.conv1, s_src, s_dst, s_tap, n1)))
         a = blk.bn2(_tap_matmul(a, blk.conv2, s_src, s_dst, s_tap, n1))
         x2 = F.relu(a + x1)
         out = _segment_mean(x2, out_sites.sites[:, 0].to(dev), b)
-        if trace is not None:
+        if trace is not None and not isinstance(features, StoreRows):
             trace.update(cells=cells, spatial_size=rules.size, in_sites=inp.sites, in_feats=x0, conv1_sites=out_sites.sites,
                          conv1_out=c1, avgpool_out=pooled, block1_out=x2)
         return out
+
+    def _first_layer_in_place(self, features: StoreRows, tile_site: torch.Tensor, n0: int, src: torch.Tensor,
+                              dst: torch.Tensor, tap: torch.Tensor, n1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block 0's strided conv and its downsample branch (before batch norm), read from the store rows.
+
+        Both are linear in the input sites X0, and a site is the mean of its tiles, so each site-level
+        rule pair (i, o, tap) becomes one pair per tile of site i, weighted 1 / (tiles in i): the
+        products then take the tiles' rows straight from the table. The downsample branch, 1x1 conv of
+        the 3x3 average pool, is the 1x1 conv of each tile pooled the same way.
+        """
+        from ..kernels.sparse_bag import gather_gemm, tap_scatter
+
+        table = features.table
+        rows = features.rows.reshape(-1).to(table.device)
+        n_tiles = len(tile_site)
+        per_site = torch.bincount(tile_site, minlength=n0)
+        pairs_of_site = torch.bincount(src, minlength=n0)
+        order = torch.argsort(src, stable=True)
+        first = torch.cumsum(pairs_of_site, 0) - pairs_of_site  # each site's first pair in `order`
+        per_tile = pairs_of_site[tile_site]
+        tile = torch.repeat_interleave(torch.arange(n_tiles, device=table.device), per_tile)
+        offset = torch.arange(len(tile), device=table.device) - (torch.cumsum(per_tile, 0) - per_tile)[tile]
+        pair = order[first[tile_site][tile] + offset]
+        weight = 1.0 / per_site[tile_site].to(torch.float32)  # per tile
+        coincident = bool((per_site > 1).any())
+        blk = self.block0
+        c1 = _tap_matmul(table, blk.conv1, rows[tile], dst[pair], tap[pair], n1, weight[tile] if coincident else None)
+        z = gather_gemm(table, rows, blk.convd[:, :, 0, 0].T) * (weight / 9)[:, None]  # (tiles, C)
+        dpre = tap_scatter(z[:, None, :], tile, dst[pair], torch.zeros_like(tile), n1)
+        return c1, dpre
 
     def bn_layers(self) -> list[nn.BatchNorm1d]:
         """In the fixtures' ``bn_order``: block0 norm1, norm2, normd; block1 norm1, norm2."""
