@@ -246,7 +246,8 @@ def check_kernels() -> dict:
         rows_out.append({"kernel": name, "rel_err": err})
     print(f"{'kernel':<28} {'rel err':>9} {'triton ms':>10} {'twin ms':>9}")
     for r in rows_out:
-        print(f"{r['kernel']:<28} {r['rel_err']:9.2e} {r.get('triton_ms', float('nan')):10.3f} {r.get('twin_ms', float('nan')):9.3f}")
+        tk, tt = r.get("triton_ms", float("nan")), r.get("twin_ms", float("nan"))
+        print(f"{r['kernel']:<28} {r['rel_err']:9.2e} {tk:10.3f} {tt:9.3f}")
     return {"ok": ok, "cases": rows_out}
 
 

@@ -78,7 +78,8 @@ def render_table(report: dict) -> str:
     lines = ["| stage | ours (s) | reference (s) | speedup | rates | peak memory (MiB) |", "|---|---|---|---|---|---|"]
     for stage, s in report["stages"].items():
         rates = ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in s["unit_rate"].items())
-        mem = ", ".join(f"{k.removeprefix('peak_').removesuffix('_mib')} {v:,.0f}" for k, v in s.get("peak_memory_mib", {}).items())
+        mem = ", ".join(f"{k.removeprefix('peak_').removesuffix('_mib')} {v:,.0f}"
+                        for k, v in s.get("peak_memory_mib", {}).items())
         lines.append(f"| {stage} | {s['ours_s']:.3f} | {s['reference_s']:.3f} | {s['speedup']:.1f}x | {rates} | {mem} |")
     return "\n".join(lines)
 
