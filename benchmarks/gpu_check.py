@@ -2,11 +2,12 @@
 twin, and the GPU rates that matter (decode, augment, encode tiles/s; training views/s). Run on a machine
 with a CUDA GPU through gpu_check.sh; each section reports and the script goes on when one fails.
 
-    python benchmarks/gpu_check.py [--slide PATH] [--tiles 1024] [--out DIR]
+    python benchmarks/gpu_check.py [--only SECTIONS] [--tiles 1024] [--out DIR]
     python benchmarks/gpu_check.py --dry-run     # the same sections on the CPU, tiny sizes, Triton interpreter
 
 Sections:
-  decode    cuCIM GPU decoding against CPU decoding (mean |difference| in grey levels), and both rates
+  decode    cuCIM GPU decoding against CPU decoding (mean |difference| in grey levels), and both rates, for
+            each cuCIM plugin (cuslide: nvJPEG; cuslide2: nvImageCodec), request size and thread count
   encode    resnet18-l3 bf16 on the GPU against fp32 on the CPU (relative error), augment and encode rates
   encode-cli  `gigassl-fast encode` on the GPU against the CPU on one slide (features, indices)
   kernels   each Triton kernel against its twin, forward and backward (relative error, median ms)
@@ -91,32 +92,61 @@ def random_resnet_weights(tmp: str) -> str:
     return path
 
 
+DECODE_CONFIGS = [  # (cuCIM plugin, tiles per request, worker threads)
+    ("cuslide", 64, 4), ("cuslide", 256, 8), ("cuslide", 1024, 8), ("cuslide", 64, 1),
+    ("cuslide2", 64, 4), ("cuslide2", 256, 8), ("cuslide2", 1024, 8),
+]
+
+
 @section("decode")
 def check_decode(slide: str, n_tiles: int) -> dict:
+    """cuCIM GPU decoding in each configuration, each in its own process (a decoder fault aborts it)."""
     from gigassl_fast.compute import cucim_gpu_decode
-    from gigassl_fast.slides import Slide
-    from gigassl_fast.tiling import TileParams, tile_slide
 
     gpu_ok, why = cucim_gpu_decode()
     print(f"cuCIM GPU decoding: {gpu_ok} ({why})")
+    out = {"gpu_decode": gpu_ok, "why": why, "configs": []}
+    for plugin, n, workers in DECODE_CONFIGS if not DRY else [("cuslide", 16, 2)]:
+        env = dict(os.environ, ENABLE_CUSLIDE2="1" if plugin == "cuslide2" else "0")
+        cmd = [sys.executable, os.path.abspath(__file__), "--decode-one", slide, str(min(n, n_tiles)), str(workers)]
+        if DRY:
+            cmd.append("--dry-run")
+        t = time.time()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+            rc, text = r.returncode, r.stdout
+        except subprocess.TimeoutExpired:
+            rc, text = "timeout", ""
+        lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+        res = json.loads(lines[-1]) if lines and rc == 0 else {"ok": False, "rc": rc,
+                                                               "stderr": (r.stderr[-300:] if rc != "timeout" else "")}
+        res.update(plugin=plugin, tiles=n, workers=workers, seconds=round(time.time() - t, 1))
+        out["configs"].append(res)
+        print(json.dumps(res))
+    out["ok"] = DRY or any(c.get("ok") for c in out["configs"])
+    return out
+
+
+def decode_one(slide: str, n: int, workers: int) -> None:
+    """One decoding configuration (child process): GPU against CPU, and both rates. One JSON line."""
+    from gigassl_fast.slides import Slide
+    from gigassl_fast.tiling import TileParams, tile_slide
+
     with Slide(slide) as s:
         grid = tile_slide(s, TileParams(mpp=0.5, tile_size=224, min_tissue=0.0))
-        coords = grid.coords[:n_tiles]
+        coords = grid.coords[:n]
         level, size = int(grid.attrs["read_level"]), int(grid.attrs["read_tile_size"])
         b = s.backend
-        cpu_tiles = b.read_regions_torch(coords, level, size, size, torch.device("cpu"), os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        cpu = b.read_regions_torch(coords, level, size, size, torch.device("cpu"), cores)
         cpu_rate = len(coords) / timed(lambda: b.read_regions_torch(coords, level, size, size, torch.device("cpu"),
-                                                                    os.cpu_count() or 1), 2)
-        out = {"tiles": len(coords), "reader": b.name, "cpu_decode_tiles_per_s": round(cpu_rate),
-               "gpu_decode": gpu_ok, "why": why}
-        if gpu_ok and b.name == "cucim":
-            gpu_tiles = b.read_regions_torch(coords, level, size, size, DEV, 8)
-            diff = (gpu_tiles.cpu().float() - cpu_tiles.float()).abs().mean().item()
-            gpu_rate = len(coords) / timed(lambda: b.read_regions_torch(coords, level, size, size, DEV, 8), 2)
-            out.update(mean_abs_diff=round(diff, 3), gpu_decode_tiles_per_s=round(gpu_rate), ok=diff < 2.0)
-        else:
-            out["ok"] = DRY  # on a GPU machine, no GPU decoding is a finding
-    return out
+                                                                    cores), 2)
+        gpu = b.read_regions_torch(coords, level, size, size, DEV, workers)
+        diff = (gpu.cpu().float() - cpu.float()).abs().mean().item()
+        again = (b.read_regions_torch(coords, level, size, size, DEV, workers).cpu() == gpu.cpu()).all().item()
+        gpu_rate = len(coords) / timed(lambda: b.read_regions_torch(coords, level, size, size, DEV, workers), 2)
+    print(json.dumps({"ok": diff < 2.0 and bool(again), "mean_abs_diff": round(diff, 3), "repeatable": bool(again),
+                      "gpu_tiles_per_s": round(gpu_rate), f"cpu_{cores}_threads_tiles_per_s": round(cpu_rate)}))
 
 
 @section("encode")
@@ -357,42 +387,74 @@ def check_train(tmp: str) -> dict:
     return out
 
 
+SECTIONS = ("decode", "encode", "encode-cli", "kernels", "rules", "model", "train")
+
+
+def prepare(work: str) -> None:
+    """The inputs every section reads: slides and random encoder weights."""
+    from gigassl_fast.synthetic import write_synthetic_slide
+
+    side = 2048 if DRY else 8192
+    write_synthetic_slide(os.path.join(work, "gpu.tif"), side, side, mpp=0.25, seed=1)
+    os.makedirs(os.path.join(work, "cohort"))
+    for i in range(8):
+        write_synthetic_slide(os.path.join(work, "cohort", f"c{i}.tif"), 2048, 1536, mpp=0.5, seed=10 + i)
+    random_resnet_weights(work)
+
+
+def run_section(name: str, work: str, tiles: int) -> None:
+    slide, weights = os.path.join(work, "gpu.tif"), os.path.join(work, "resnet18.pth")
+    {"decode": lambda: check_decode(slide, 64 if DRY else tiles),
+     "encode": lambda: check_encode(slide, weights),
+     "encode-cli": lambda: check_encode_cli(os.path.join(work, "cohort"), weights, work),
+     "kernels": check_kernels, "rules": check_rules, "model": check_model,
+     "train": lambda: check_train(work)}[name]()
+    with open(os.path.join(work, f"{name}.json"), "w", encoding="utf-8") as fh:
+        json.dump(RESULTS[name], fh, default=str)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--slide", default=None)
     ap.add_argument("--tiles", type=int, default=1024)
     ap.add_argument("--dry-run", action="store_true", help="the same sections on the CPU, tiny sizes")
     ap.add_argument("--only", default=None, help="comma-separated sections")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: one section, in a child
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--decode-one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not DRY and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device (use --dry-run to run the sections on the CPU)")
+    if args.decode_one:
+        decode_one(args.decode_one[0], int(args.decode_one[1]), int(args.decode_one[2]))
+        return
+    if args.section:
+        run_section(args.section, args.work, args.tiles)
+        return
     print(report(), flush=True)
-    tmp = tempfile.mkdtemp(prefix="gpu_check_")
-    from gigassl_fast.synthetic import write_synthetic_slide
-
-    side = 2048 if DRY else 8192
-    slide = args.slide or write_synthetic_slide(os.path.join(tmp, "gpu.tif"), side, side, mpp=0.25, seed=1)
-    cohort = os.path.join(tmp, "cohort")
-    os.makedirs(cohort)
-    for i in range(8):
-        write_synthetic_slide(os.path.join(cohort, f"c{i}.tif"), 2048, 1536, mpp=0.5, seed=10 + i)
-    weights = random_resnet_weights(tmp)
-    only = set(args.only.split(",")) if args.only else None
-    steps = [("decode", lambda: check_decode(slide, 64 if DRY else args.tiles)),
-             ("encode", lambda: check_encode(slide, weights)),
-             ("encode-cli", lambda: check_encode_cli(cohort, weights, tmp)),
-             ("kernels", check_kernels), ("rules", check_rules), ("model", check_model),
-             ("train", lambda: check_train(tmp))]
-    for name, fn in steps:
-        if only is None or name in only:
-            fn()
+    work = tempfile.mkdtemp(prefix="gpu_check_")
+    prepare(work)
+    chosen = [s for s in SECTIONS if args.only is None or s in args.only.split(",")]
+    for name in chosen:
+        # Each section in its own process: a fault in native code (a decoder, a kernel) aborts only it.
+        cmd = [sys.executable, os.path.abspath(__file__), "--section", name, "--work", work, "--tiles", str(args.tiles)]
+        if DRY:
+            cmd.append("--dry-run")
+        t = time.time()
+        rc = subprocess.run(cmd).returncode
+        path = os.path.join(work, f"{name}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                RESULTS[name] = json.load(fh)
+        else:
+            RESULTS[name] = {"ok": False, "error": f"section process ended with code {rc}",
+                             "seconds": round(time.time() - t, 1)}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_check.json"), "w", encoding="utf-8") as fh:
         json.dump({"machine": machine(), "dry_run": DRY, "results": RESULTS}, fh, indent=2, default=str)
     print("\nsection       ok     seconds")
     for name, r in RESULTS.items():
-        print(f"{name:<13} {'yes' if r['ok'] else 'NO':<6} {r['seconds']}")
+        print(f"{name:<13} {'yes' if r['ok'] else 'NO':<6} {r.get('seconds')}")
     sys.exit(0 if all(r["ok"] for r in RESULTS.values()) else 1)
 
 

@@ -4,7 +4,8 @@
 #      decoding, OpenSlide for the reference reader, imagecodecs to write the synthetic JPEG slides);
 #   2. builds and installs this package in place (falls back to a plain CMake build when pip cannot);
 #   3. benchmarks/gpu_check.py: GPU paths against CPU paths, Triton kernels against their twins, rates;
-#   4. `gigassl-fast bench --quick --device cuda`, then the full-size encode, train and embed benchmarks.
+#   4. `gigassl-fast bench --quick --device cuda`, then the full-size encode, train and embed benchmarks, and
+#      encode at Naug 50 x Nt 256.
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh      (results in $OUT or bench_out/)
 # Fetch the wheels beforehand on a machine with pip access (see BENCHMARKS.md, "GPU check").
 set -uo pipefail
@@ -42,6 +43,9 @@ timeout 240 python3 -m gigassl_fast bench --quick --device cuda --out "$out/benc
 
 step "bench (full settings: encode, train, embed) on the GPU"
 timeout 300 python3 -m gigassl_fast bench --stages encode,train,embed --device cuda --out "$out/bench_full"
+
+step "encode at the issue's size (Naug 50 x Nt 256) on the GPU, ours against the reference"
+timeout 200 python3 benchmarks/bench_encode.py --naug 50 --nt 256 --runs 1 --device cuda --out /tmp/bench_encode_50x256.json
 
 step "done"
 exit $check

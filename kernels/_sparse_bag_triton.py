@@ -41,16 +41,19 @@ def tap_scatter_kernel(y_ptr, ptr_ptr, src_ptr, tap_ptr, out_ptr, n_out, c, stri
     pid_c = tl.program_id(1)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    start = tl.load(ptr_ptr + offs_o, mask=offs_o < n_out, other=0)
-    end = tl.load(ptr_ptr + offs_o + 1, mask=offs_o < n_out, other=0)
+    # Pair indices are kept 2-D (BLOCK_O, 1) from the start: expanding loaded 1-D index vectors inside
+    # the loop trips Triton 3.6's layout pass ("mask type matches ptr type").
+    o2 = offs_o[:, None]
+    start = tl.load(ptr_ptr + o2, mask=o2 < n_out, other=0)
+    end = tl.load(ptr_ptr + o2 + 1, mask=o2 < n_out, other=0)
+    c_live = offs_c[None, :] < c
     acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
     for j in range(MAX_PAIRS):
         p = start + j
         live = p < end
         s = tl.load(src_ptr + p, mask=live, other=0).to(tl.int64)
         t = tl.load(tap_ptr + p, mask=live, other=0).to(tl.int64)
-        v = tl.load(y_ptr + s[:, None] * stride_y_row + t[:, None] * stride_y_tap + offs_c[None, :],
-                    mask=live[:, None] & (offs_c[None, :] < c), other=0.0)
+        v = tl.load(y_ptr + s * stride_y_row + t * stride_y_tap + offs_c[None, :], mask=live & c_live, other=0.0)
         acc += v.to(tl.float32)
     tl.store(out_ptr + offs_o[:, None] * stride_out + offs_c[None, :], acc,
              mask=(offs_o[:, None] < n_out) & (offs_c[None, :] < c))

@@ -102,6 +102,9 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Encoder compute precision; auto is bf16 on GPUs, float32 on CPUs (features are stored as float16).")
+@click.option("--decode", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
+              help="Where SVS/TIFF tiles are decoded. auto: on the GPU (cuCIM) when the encoder runs there and a "
+                   "trial in a separate process matches CPU decoding, else on the CPU; gpu: always, no trial.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of tile draws and augmentations.")
 @click.option("--pca", type=click.Path(dir_okay=False), default=None,
               help="Project features with a PCA file (from `gigassl-fast pca`), e.g. wide features to 256-d.")
@@ -109,7 +112,8 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
 @click.option("--overwrite", is_flag=True, help="Replace feature files made with other parameters.")
 @click.option("--list-encoders", is_flag=True, help="List the registered encoders and exit.")
 def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp,
-           slide_mpp, reader, batch_size, workers, device, precision, seed, pca, shard, overwrite, list_encoders) -> None:
+           slide_mpp, reader, batch_size, workers, device, precision, decode, seed, pca, shard, overwrite,
+           list_encoders) -> None:
     """Tile features for each slide, plain and under Giga-SSL augmentations.
 
     SLIDES are slide files, folders, globs or a CSV manifest (slide_id,path[,mpp]). Slides are tiled
@@ -131,7 +135,7 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
     from .encode import EncodeParams, run_encode
 
     params = EncodeParams(encoder=encoder, weights=weights, naug=naug, nt=nt, batch_size=batch_size, workers=workers,
-                          device=device, precision=precision, seed=seed, pca=pca,
+                          device=device, precision=precision, decode=decode, seed=seed, pca=pca,
                           tiles=_tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp)).validate()
     shard_spec = parse_shard(shard)
     entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)

@@ -51,6 +51,7 @@ class EncodeParams:
     workers: int = 4
     device: str = "auto"
     precision: str = "auto"
+    decode: str = "auto"
     seed: int = 0
     pca: str | None = None
     tiles: TileParams = field(default_factory=TileParams)
@@ -69,6 +70,16 @@ class EncodeParams:
             raise GigasslError(f"--device {self.device}: no CUDA device is available here; use --device cpu")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise GigasslError(f"--precision must be auto, bf16 or fp32 (got {self.precision!r})")
+        if self.decode not in ("auto", "gpu", "cpu"):
+            raise GigasslError(f"--decode must be auto, gpu or cpu (got {self.decode!r})")
+        if self.decode == "gpu":
+            from .compute import cucim_gpu_decode
+
+            ok, why = cucim_gpu_decode()
+            if ok and self.resolved_device().type != "cuda":
+                ok, why = False, "the encoder runs on the CPU"
+            if not ok:
+                raise GigasslError(f"--decode gpu: cuCIM cannot decode on a GPU here ({why}); use --decode auto or cpu")
         self.tiles.validate()
         return self
 
@@ -101,35 +112,54 @@ class TileEncoder:
             self.pca = load_pca(params.pca, self.config.out_dim)
             self.out_dim = int(self.pca["components"].shape[0])
             self.checksum += "+pca" + file_checksum(params.pca)
-        # Tiles are decoded where the encoder runs when cuCIM can decode on that GPU; the first slide
-        # read that way is checked against CPU decoding (see `decode`).
+        # Tiles are decoded where the encoder runs when cuCIM can decode on that GPU. With --decode auto
+        # the first slide read that way is first tried in a child process (see slides/gpu_probe.py): a
+        # fault in cuCIM's GPU decoder aborts its process, and must not take the run with it.
         from .compute import cucim_gpu_decode
 
         gpu_ok, why = cucim_gpu_decode()
-        self.decode_on_device = self.device.type == "cuda" and gpu_ok
+        self.decode_mode = params.decode
+        self.decode_on_device = self.device.type == "cuda" and gpu_ok and params.decode != "cpu"
         self.decode_checked = False
+        if params.decode == "cpu":
+            why = "--decode cpu"
         self.decode_note = f"GPU (cuCIM): {why}" if self.decode_on_device else f"CPU: {why}"
 
-    def decode(self, slide: Slide, xy: np.ndarray, level: int, size: int, workers: int) -> torch.Tensor:
-        """uint8 (N, size, size, 3) tiles on the encoder's device."""
+    def decode(self, slide: Slide, xy: np.ndarray, level: int, size: int, workers: int,
+               trial: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 (N, size, size, 3) tiles on the encoder's device. `trial`: the coordinates the GPU
+        decoding trial reads (default `xy`)."""
         backend = slide.backend
         if not (self.decode_on_device and backend.name == "cucim"):
             return backend.read_regions_torch(xy, level, size, size, self.device, workers)
         if not self.decode_checked:
             self.decode_checked = True
-            try:
-                gpu = backend.read_regions_torch(xy, level, size, size, self.device, workers)
-                cpu = backend.read_regions_torch(xy, level, size, size, torch.device("cpu"), workers)
-                diff = (gpu.cpu().float() - cpu.float()).abs().mean().item()
-                if diff > 2.0:
-                    raise GigasslError(f"GPU and CPU decoding differ by {diff:.2f} grey levels on average")
-                return gpu
-            except GigasslError as err:
+            ok, why = self._check_gpu_decode(slide, xy if trial is None else trial, level, size, workers)
+            if not ok:
                 self.decode_on_device = False
-                self.decode_note = f"CPU: GPU decoding failed its check on {slide.path} ({err})"
-                click.echo(f"warning: {self.decode_note}", err=True)
+                self.decode_note = f"CPU: {why} on {slide.path}"
+                click.echo(f"warning: decoding on the CPU: {why} on {slide.path}", err=True)
                 return backend.read_regions_torch(xy, level, size, size, self.device, workers)
+            self.decode_note = f"GPU (cuCIM): {why}"
         return backend.read_regions_torch(xy, level, size, size, self.device, workers)
+
+    def _check_gpu_decode(self, slide: Slide, xy: np.ndarray, level: int, size: int, workers: int) -> tuple[bool, str]:
+        if self.decode_mode == "auto":
+            from .slides.gpu_probe import probe
+
+            return probe(slide.path, xy, level, size, workers, str(self.device))
+        # --decode gpu: no separate process, one in-process comparison
+        from .slides.gpu_probe import MAX_DIFF
+
+        try:
+            gpu = slide.backend.read_regions_torch(xy, level, size, size, self.device, workers)
+            cpu = slide.backend.read_regions_torch(xy, level, size, size, torch.device("cpu"), workers)
+        except GigasslError as err:
+            return False, str(err)
+        diff = (gpu.cpu().float() - cpu.float()).abs().mean().item()
+        if diff > MAX_DIFF:
+            return False, f"GPU and CPU decoding differ by {diff:.2f} grey levels on average"
+        return True, f"checked against CPU decoding (mean |diff| {diff:.2f})"
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +219,9 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
 
     def decode(chunk: tuple[int, int]) -> tuple[torch.Tensor, float]:
         t = time.perf_counter()
-        tiles = enc.decode(slide, coords[chunk[0]:chunk[1]], level, read, params.workers)
+        # a GPU decoding trial reads the first few chunks (several cuCIM batches, as the run will)
+        tiles = enc.decode(slide, coords[chunk[0]:chunk[1]], level, read, params.workers,
+                           trial=coords[:4 * params.batch_size])
         return tiles, time.perf_counter() - t
 
     # The next chunk is decoded while this one is encoded.

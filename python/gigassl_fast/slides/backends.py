@@ -231,15 +231,18 @@ class CucimBackend(SlideBackend):
 
     def read_regions_torch(self, xy: np.ndarray, level: int, width: int, height: int, device: torch.device,
                            num_workers: int = 1) -> torch.Tensor:
-        """On a CUDA device, cuCIM decodes on the GPU (nvJPEG) and the tiles reach torch through
-        __cuda_array_interface__ without a copy to the host."""
+        """On a CUDA device, cuCIM decodes on the GPU (nvJPEG) and the tiles never leave it: each batch
+        cuCIM yields is viewed through __cuda_array_interface__ and copied device-to-device into the
+        output at once, because cuCIM's batch loader frees or reuses a batch's buffer when it moves on
+        (holding views across batches reads freed memory)."""
         if device.type != "cuda":
             return super().read_regions_torch(xy, level, width, height, device, num_workers)
         import cupy
         import torch
 
         xy = np.asarray(xy, np.int64)
-        parts = []
+        out = torch.empty((len(xy), int(height), int(width), 3), dtype=torch.uint8, device=device)
+        done = 0
         try:
             with cupy.cuda.Device(device.index or 0):
                 batches = self._img.read_region(
@@ -249,10 +252,15 @@ class CucimBackend(SlideBackend):
                     arr = cupy.asarray(batch)
                     if arr.ndim == 3:
                         arr = arr[None]
-                    parts.append(torch.as_tensor(arr[..., :3], device=device))
+                    n = arr.shape[0]
+                    out[done:done + n].copy_(torch.as_tensor(arr[..., :3], device=device))
+                    torch.cuda.current_stream(device).synchronize()  # the copy is done before cuCIM moves on
+                    done += n
         except (RuntimeError, ValueError) as err:
             raise SlideError(self.path, f"cuCIM failed to decode on {device} ({_first_line(err)})") from None
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        if done != len(xy):
+            raise SlideError(self.path, f"cuCIM returned {done} of {len(xy)} regions on {device}")
+        return out
 
     def close(self) -> None:
         self._img = None

@@ -1,0 +1,72 @@
+"""Trial of cuCIM GPU decoding in a separate process, before `encode` relies on it.
+
+A fault inside cuCIM's GPU decoder (nvJPEG) can abort the process that runs it, which no exception
+handler catches; a cohort run must not die that way. So `encode --decode auto` first decodes a few
+batches of the first slide here, in a child process, on the run's own batch size and worker count, and
+compares them with CPU decoding. The parent reads one JSON line:
+{"ok": bool, "mean_abs_diff": float, "tiles": int} or {"ok": false, "error": "..."}.
+
+    python -m gigassl_fast.slides.gpu_probe SLIDE COORDS.npy LEVEL SIZE WORKERS DEVICE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+#: Mean absolute difference (grey levels) allowed between GPU and CPU JPEG decoding (IDCT rounding).
+MAX_DIFF = 2.0
+
+
+def probe(path: str, xy: np.ndarray, level: int, size: int, workers: int, device: str,
+          timeout: float = 300.0) -> tuple[bool, str]:
+    """(usable, why): decodes `xy` on `device` in a child process and compares with the CPU."""
+    with tempfile.TemporaryDirectory(prefix="gigassl_probe_") as tmp:
+        coords = os.path.join(tmp, "xy.npy")
+        np.save(coords, np.asarray(xy, np.int64))
+        cmd = [sys.executable, "-m", "gigassl_fast.slides.gpu_probe", path, coords, str(level), str(size),
+               str(workers), device]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"GPU decoding did not finish within {timeout:.0f} s in a trial"
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit code {r.returncode}"
+        tail = (r.stderr.strip().splitlines() or [""])[-1][:160]
+        return False, f"GPU decoding crashed in a trial ({how}{': ' + tail if tail else ''})"
+    res = json.loads(lines[-1])
+    if not res.get("ok"):
+        return False, res.get("error") or (f"GPU and CPU decoding differ by {res['mean_abs_diff']:.2f} grey levels "
+                                           "on average")
+    return True, f"trial on {res['tiles']} tiles matched CPU decoding (mean |diff| {res['mean_abs_diff']:.2f})"
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    from . import Slide
+
+    path, coords, level, size, workers, device = argv
+    xy = np.load(coords)
+    dev = torch.device(device)
+    try:
+        with Slide(path, reader="cucim") as s:
+            gpu = s.backend.read_regions_torch(xy, int(level), int(size), int(size), dev, int(workers))
+            torch.cuda.synchronize(dev)
+            cpu = s.backend.read_regions_torch(xy, int(level), int(size), int(size), torch.device("cpu"), int(workers))
+        diff = (gpu.cpu().float() - cpu.float()).abs().mean().item() if len(xy) else 0.0
+        out = {"ok": bool(diff <= MAX_DIFF), "mean_abs_diff": diff, "tiles": len(xy)}
+    except Exception as err:  # reported to the parent as one line
+        out = {"ok": False, "error": f"GPU decoding failed in a trial: {type(err).__name__}: {err}"[:300]}
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
