@@ -10,7 +10,7 @@ EXTRAS ?= dev
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
 
-.PHONY: install test test-all demo lint bench clean
+.PHONY: install test test-all demo lint bench check-kernels clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/gigassl-fast bench
+
+# Compile every Triton kernel for sm_90 with a given Triton (default: the GPU machines' 3.6.0), no GPU
+# needed: `make check-kernels` or `make check-kernels TRITON=3.5.0`.
+TRITON ?= 3.6.0
+check-kernels: $(STAMP)
+	test -d build/triton-$(TRITON) || $(PY) -m pip install -q --no-deps --target build/triton-$(TRITON) triton==$(TRITON)
+	PYTHONPATH=build/triton-$(TRITON) $(PY) benchmarks/compile_kernels.py
 
 clean:
 	rm -rf build $(VENV) demo_out .pytest_cache

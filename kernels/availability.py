@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
+
+_FORCE_TWINS = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,8 +29,22 @@ def triton_status() -> tuple[bool, str]:
     return True, f"Triton on {torch.cuda.get_device_name(0)}"
 
 
+@contextlib.contextmanager
+def twins_only() -> Iterator[None]:
+    """Within this block the torch twins run everywhere: to compare a whole model's kernel path with its
+    twin path in one process (tests, gpu_check)."""
+    global _FORCE_TWINS
+    saved, _FORCE_TWINS = _FORCE_TWINS, True
+    try:
+        yield
+    finally:
+        _FORCE_TWINS = saved
+
+
 def use_triton(t) -> bool:
     """Kernels for tensors on a CUDA device (or any device under the interpreter)."""
+    if _FORCE_TWINS:
+        return False
     ok, _ = triton_status()
     if not ok:
         return False

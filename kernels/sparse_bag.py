@@ -14,9 +14,27 @@ Functions whose backward passes are torch ops.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .availability import use_triton
+
+_EXACT_DOTS = False
+
+
+@contextlib.contextmanager
+def exact_dots() -> Iterator[None]:
+    """Within this block the gather-GEMM kernel multiplies in full float32 (IEEE) instead of tf32, so
+    that whole-model results can be compared with the twins' float32 arithmetic (tf32's 10-bit mantissa
+    leaves about 3e-4 relative error per product, which batch norm can amplify in gradients)."""
+    global _EXACT_DOTS
+    saved, _EXACT_DOTS = _EXACT_DOTS, True
+    try:
+        yield
+    finally:
+        _EXACT_DOTS = saved
 
 # ---------------------------------------------------------------------------------------------- twins
 
@@ -110,7 +128,7 @@ class _GatherGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rows, w, b, relu):
-        y = gather_gemm_triton(x, rows, w, bias=b, relu=relu)
+        y = gather_gemm_triton(x, rows, w, ieee=_EXACT_DOTS, bias=b, relu=relu)
         ctx.relu = relu
         ctx.save_for_backward(x, rows, w, y if relu else None)
         return y

@@ -116,3 +116,30 @@ def test_torch_reads_equal_numpy_reads(synthetic_slide):
         a = s.backend.read_regions(xy, 1, 64, 64)
     assert t.dtype == torch.uint8 and t.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(t.numpy(), a)
+
+
+def test_gpu_decoding_trial_runs_in_a_child_and_reports_one_line(synthetic_slide, monkeypatch):
+    """The trial `encode --decode auto` runs before trusting GPU decoding: a child process that decodes
+    on the device and the CPU and times both (here the "device" is the CPU, so they agree exactly);
+    where the device cannot decode or the child dies, one line says why."""
+    import subprocess
+
+    from gigassl_fast.slides import gpu_probe
+
+    xy = np.array([[0, 0], [448, 224], [896, 896]])
+    res = gpu_probe.probe(str(synthetic_slide), xy, 0, 224, 2, "cpu")
+    assert res["ok"] and res["mean_abs_diff"] == 0 and res["tiles"] == 3 and res["gpu_tiles_per_s"] > 0
+    if not torch_cuda():
+        res = gpu_probe.probe(str(synthetic_slide), xy, 0, 224, 2, "cuda")
+        assert not res["ok"] and res["why"].startswith("GPU decoding failed in a trial")
+    aborted = subprocess.CompletedProcess([], -6, "", "terminate called after throwing ... illegal memory access\n")
+    monkeypatch.setattr(gpu_probe.subprocess, "run", lambda *a, **k: aborted)
+    res = gpu_probe.probe(str(synthetic_slide), xy, 0, 224, 2, "cuda")
+    assert res == {"ok": False, "why": "GPU decoding crashed in a trial (signal 6: terminate called after throwing "
+                                       "... illegal memory access)"}
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

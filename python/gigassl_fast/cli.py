@@ -104,7 +104,8 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
               help="Encoder compute precision; auto is bf16 on GPUs, float32 on CPUs (features are stored as float16).")
 @click.option("--decode", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
               help="Where SVS/TIFF tiles are decoded. auto: on the GPU (cuCIM) when the encoder runs there and a "
-                   "trial in a separate process matches CPU decoding, else on the CPU; gpu: always, no trial.")
+                   "trial in a separate process finds it matches CPU decoding and is faster, else on the CPU; "
+                   "gpu: on the GPU, no trial.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of tile draws and augmentations.")
 @click.option("--pca", type=click.Path(dir_okay=False), default=None,
               help="Project features with a PCA file (from `gigassl-fast pca`), e.g. wide features to 256-d.")

@@ -83,7 +83,8 @@ def compute_paths() -> list[Path]:
     paths = [Path("tile: mask + grid", core, "always")]
     cpu_reader = "cuCIM CPU reader" if _version("cucim") else "tiffslide"
     gpu, why = cucim_gpu_decode()
-    gpu_note = f"encode decodes SVS/TIFF on the GPU ({why})" if gpu else f"GPU decoding unavailable: {why}"
+    gpu_note = (f"GPU decoding possible ({why}): `encode --decode auto` uses it where a trial finds it right and "
+                "faster") if gpu else f"GPU decoding unavailable: {why}"
     paths.append(Path("slide decoding", f"{cpu_reader} for SVS/TIFF, OpenSlide for NDPI/MRXS/SCN/...", gpu_note))
     device = cuda_device()
     where = "the GPU, bf16, channels_last" if device else "the CPU, float32, channels_last"
@@ -91,7 +92,8 @@ def compute_paths() -> list[Path]:
     from .kernels.availability import triton_status
 
     ok, why = triton_status()
-    paths.append(Path("train: sparse-layer4", "Triton tap-scatter kernels" if ok else "torch twins of the kernels", why))
+    paths.append(Path("train: aggregators", "Triton gather-GEMM, tap-scatter and pooling kernels" if ok
+                      else "torch twins of the kernels", why))
     return paths
 
 
