@@ -55,9 +55,12 @@ def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: t
 
 
 def _segment_mean(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    sums = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, segment, x)
-    counts = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, segment, torch.ones_like(segment, dtype=x.dtype))
-    return sums / counts[:, None]
+    """Mean of the rows of `x` in each of `n` segments (sites of a cell, sites of a view): the CSR scatter
+    kernel on a GPU, which sums each segment in a fixed order (no atomics); its twin on the CPU."""
+    from ..kernels.sparse_bag import tap_scatter
+
+    sums = tap_scatter(x[:, None, :], torch.arange(len(x), device=x.device), segment, torch.zeros_like(segment), n)
+    return sums / torch.bincount(segment, minlength=n).to(x.dtype)[:, None]
 
 
 class _Block(nn.Module):
