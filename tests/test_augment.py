@@ -75,3 +75,17 @@ def test_hsv_round_trip_and_hue_shift(hue):
     sat = hsv_in[:, 1] > 0.2
     dh = ((hsv_out[:, 0] - hsv_in[:, 0] - hue + 0.5) % 1.0) - 0.5
     assert dh[sat].abs().max() < 1e-4
+
+
+def test_hsv_conversions_match_colorsys():
+    """Both directions against Python's colorsys on random pixels (all six hue sectors, grey pixels)."""
+    import colorsys
+
+    x = torch.rand(1, 3, 40, 50, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x[0, :, 0, :10] = x[0, 0:1, 0, :10]  # grey: r = g = b
+    hsv = _rgb_to_hsv(x)
+    pixels = x[0].reshape(3, -1).T.tolist()
+    ref_hsv = torch.tensor([colorsys.rgb_to_hsv(*p) for p in pixels], dtype=torch.float64)
+    torch.testing.assert_close(hsv[0].reshape(3, -1).T, ref_hsv, atol=1e-9, rtol=0)
+    ref_rgb = torch.tensor([colorsys.hsv_to_rgb(*p) for p in ref_hsv.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(_hsv_to_rgb(hsv)[0].reshape(3, -1).T, ref_rgb, atol=1e-9, rtol=0)

@@ -51,36 +51,40 @@ def probe(path: str, xy: np.ndarray, level: int, size: int, workers: int, device
     return res
 
 
-def main(argv: list[str]) -> int:
+def trial(backend, xy: np.ndarray, level: int, size: int, device, workers: int) -> dict:
+    """Decodes `xy` on `device` (twice: the first is the warm-up) and on the CPU; compares and times."""
     import time
 
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    read = backend.read_regions_torch
+    gpu = read(xy, level, size, size, device, workers)
+    sync()
+    t = time.perf_counter()
+    read(xy, level, size, size, device, workers)
+    sync()
+    t_gpu = time.perf_counter() - t
+    t = time.perf_counter()
+    cpu = read(xy, level, size, size, torch.device("cpu"), workers)
+    t_cpu = time.perf_counter() - t
+    diff = (gpu.cpu().float() - cpu.float()).abs().mean().item() if len(xy) else 0.0
+    return {"ok": bool(diff <= MAX_DIFF), "mean_abs_diff": diff, "tiles": len(xy),
+            "gpu_tiles_per_s": len(xy) / max(t_gpu, 1e-9), "cpu_tiles_per_s": len(xy) / max(t_cpu, 1e-9)}
+
+
+def main(argv: list[str]) -> int:
     import torch
 
     from . import Slide
 
     path, coords, level, size, workers, device = argv
-    xy = np.load(coords)
-    dev = torch.device(device)
-    level, size, workers = int(level), int(size), int(workers)
     try:
         with Slide(path, reader="cucim") as s:
-            read = s.backend.read_regions_torch
-            def sync() -> None:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-
-            gpu = read(xy, level, size, size, dev, workers)  # also the warm-up
-            sync()
-            t = time.perf_counter()
-            read(xy, level, size, size, dev, workers)
-            sync()
-            t_gpu = time.perf_counter() - t
-            t = time.perf_counter()
-            cpu = read(xy, level, size, size, torch.device("cpu"), workers)
-            t_cpu = time.perf_counter() - t
-        diff = (gpu.cpu().float() - cpu.float()).abs().mean().item() if len(xy) else 0.0
-        out = {"ok": bool(diff <= MAX_DIFF), "mean_abs_diff": diff, "tiles": len(xy),
-               "gpu_tiles_per_s": len(xy) / max(t_gpu, 1e-9), "cpu_tiles_per_s": len(xy) / max(t_cpu, 1e-9)}
+            out = trial(s.backend, np.load(coords), int(level), int(size), torch.device(device), int(workers))
     except Exception as err:  # reported to the parent as one line
         out = {"ok": False, "error": f"GPU decoding failed in a trial: {type(err).__name__}: {err}"[:300]}
     print(json.dumps(out), flush=True)
