@@ -25,7 +25,7 @@ from benchmarks.common import bench_device, machine, time_runs, write_json  # no
 from benchmarks.reference.train import reference_forward, reference_view, write_reference_dataset  # noqa: E402
 from gigassl_fast.ssl import nt_xent  # noqa: E402
 from gigassl_fast.train import build_model, contrastive_step  # noqa: E402
-from gigassl_fast.views import sample_views  # noqa: E402
+from gigassl_fast.views import view_pair  # noqa: E402
 
 
 def main() -> None:
@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def ours():
         batch = torch.randint(0, s, (b,), generator=gen)
-        v1 = sample_views(store_f, store_xy, batch, 5, gen, dev, fused=True)
-        v2 = sample_views(store_f, store_xy, batch, 5, gen, dev, fused=True)
+        v1, v2 = view_pair(store_f, store_xy, batch, 5, gen, dev)
         opt.zero_grad(set_to_none=True)
         contrastive_step(model, v1, v2, 0.05)
         opt.step()

@@ -354,7 +354,7 @@ def check_model() -> dict:
 @section("train")
 def check_train(tmp: str) -> dict:
     from gigassl_fast.train import build_model, contrastive_step
-    from gigassl_fast.views import sample_views
+    from gigassl_fast.views import view_pair
 
     s, b = (1000, 256) if not DRY else (40, 16)
     g = torch.Generator().manual_seed(0)
@@ -368,8 +368,7 @@ def check_train(tmp: str) -> dict:
 
         def step(model=model, opt=opt, gen=gen):
             batch = torch.randint(0, s, (b,), generator=gen)
-            v1 = sample_views(store_f, store_xy, batch, 5, gen, DEV, fused=True)
-            v2 = sample_views(store_f, store_xy, batch, 5, gen, DEV, fused=True)
+            v1, v2 = view_pair(store_f, store_xy, batch, 5, gen, DEV)
             opt.zero_grad(set_to_none=True)
             contrastive_step(model, v1, v2, 0.05)
             opt.step()

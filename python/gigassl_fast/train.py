@@ -1,6 +1,6 @@
 """The train stage: slide-level SimCLR on a packed store (spec §4).
 
-Each step draws B slides, two independent views of each (``views.sample_views``), runs the two view
+Each step draws B slides, two independent views of each (``views.view_pair``), runs the two view
 batches through the model in two separate forwards (batch-norm statistics per view batch, as the
 reference), and minimises NT-Xent (T = 0.05). Adam at lr = base_lr * B / 256 with a linear warm-up over
 the first epochs and cosine decay to 0, per step. Weight decay is off by default: the reference's
@@ -26,7 +26,7 @@ from .distributed import convert_global_bn
 from .errors import GigasslError
 from .pack import Store
 from .ssl import AGGREGATORS, SimCLRMIL, build_aggregator, nt_xent
-from .views import sample_views
+from .views import view_pair
 
 
 @dataclass(frozen=True)
@@ -182,12 +182,9 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
             lr = learning_rate(step, steps_per_epoch, params, world)
             for g in opt.param_groups:
                 g["lr"] = lr
-            f1, l1 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device,
-                                  fused=True)
-            f2, l2 = sample_views(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device,
-                                  fused=True)
+            v1, v2 = view_pair(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device)
             opt.zero_grad(set_to_none=True)
-            loss, z1 = contrastive_step(model, (f1, l1), (f2, l2), params.temperature)
+            loss, z1 = contrastive_step(model, v1, v2, params.temperature)
             if not torch.isfinite(loss):
                 good = last if os.path.exists(last) else "none yet"
                 raise GigasslError(f"loss became {loss.item()} at step {step} (epoch {epoch}); last good checkpoint: "

@@ -88,3 +88,11 @@ def sample_views(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: t
     else:
         feats = aug_features[s[:, None], a[:, None], t].to(device, non_blocking=True).float()
     return feats, spatial_augment(locs, gen)
+
+
+def view_pair(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: torch.Tensor, k: int,
+              gen: torch.Generator, device: torch.device) -> tuple[tuple, tuple]:
+    """Two independent views of each slide (spec §4.1), as a training step takes them: features read in
+    place where the store sits on `device`, copied otherwise."""
+    return (sample_views(aug_features, aug_coords, slides, k, gen, device, fused=True),
+            sample_views(aug_features, aug_coords, slides, k, gen, device, fused=True))
