@@ -115,3 +115,22 @@ def test_timm_encoders_through_a_stand_in_timm(monkeypatch, tmp_path):
         create_encoder("timm:tiny")
     with pytest.raises(GigasslError, match="timm cannot build it"):
         get_config("timm:nope")
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet18-l3"])
+def test_encode_folds_batch_norms_without_changing_features(name):
+    """TileEncoder folds each batch norm into its convolution (efficientnet-lite0 by its own method,
+    resnet18-l3 through torch.fx): no batch norm is left, and the features are those of the plain model."""
+    from gigassl_fast.encode import EncodeParams, TileEncoder
+
+    weights = "random" if name == "resnet18-l3" else None
+    torch.manual_seed(0)  # the same random weights for both models
+    enc = TileEncoder(EncodeParams(encoder=name, weights=weights, device="cpu"))
+    torch.manual_seed(0)
+    plain = create_encoder(name, weights).eval()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.model.modules())
+    x = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = plain((x - enc.mean) / enc.std)
+    torch.testing.assert_close(enc(x), ref, rtol=1e-4, atol=1e-4)

@@ -184,8 +184,10 @@ class TileEncoder:
 def _fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
     """The encoder with each batch norm folded into the convolution before it (inference only): one
     pass over the activations fewer per layer, 10-20% faster for resnet18-l3 on a 2-core CPU, same
-    outputs to about 1e-7. Models torch.fx cannot trace (data-dependent control flow, as in
-    efficientnet-lite0) are returned unchanged."""
+    outputs to about 1e-7. An encoder that knows its own layout folds itself (``fold_batch_norms``);
+    others go through torch.fx, and those it cannot trace are returned unchanged."""
+    if hasattr(model, "fold_batch_norms"):
+        return model.eval().fold_batch_norms()
     import warnings
 
     with warnings.catch_warnings():  # the module imports torch.jit.script_method, deprecated in torch 2.13

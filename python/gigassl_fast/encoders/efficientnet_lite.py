@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .registry import EncoderConfig, register_encoder
 from .weights import apply_weights, file_checksum, load_checkpoint, resolve_weights
@@ -92,6 +93,23 @@ class EfficientNetLite0(nn.Module):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (B, 1000)."""
         return self._fc(self.features(x))
+
+    def fold_batch_norms(self) -> EfficientNetLite0:
+        """Folds each batch norm into the convolution before it, in place, for inference (torch.fx cannot
+        trace this model: SameConv2d pads by the input's shape)."""
+        if self.training:
+            raise RuntimeError("fold_batch_norms is for eval mode")
+        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        for blk in self._blocks:
+            if blk.expand != 1:
+                pairs.append((blk, "_expand_conv", "_bn0"))
+            pairs += [(blk, "_depthwise_conv", "_bn1"), (blk, "_project_conv", "_bn2")]
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                          bn.eps, bn.weight, bn.bias)
+            setattr(owner, bn_name, nn.Identity())
+        return self
 
 
 @register_encoder(EncoderConfig(
