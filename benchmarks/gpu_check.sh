@@ -7,7 +7,7 @@
 #   4. `gigassl-fast bench --quick --device cuda`, then the full-size encode, train and embed benchmarks
 #      (and, with GPU_CHECK_FULL_ENCODE=1, encode at Naug 50 x Nt 256).
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh      (results in $OUT or bench_out/)
-# Fetch the wheels beforehand on a machine with pip access (see BENCHMARKS.md, "GPU check").
+# Fetch the wheels beforehand on a machine with pip access: bash benchmarks/fetch_gpu_wheels.sh 3.12
 set -uo pipefail
 out="${OUT:-bench_out}"
 mkdir -p "$out"
