@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.sparse_bag import gather_gemm, tap_scatter
 from ..views import StoreRows
 from . import rulebook as rb
 
@@ -38,8 +39,6 @@ def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: t
     GEMM against all nine taps would do nine times the work. The products are then summed into their
     output sites.
     """
-    from ..kernels.sparse_bag import gather_gemm, tap_scatter
-
     cout = weight.shape[0]
     w = weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], cout)  # [tap, in, out]
     order = torch.argsort(tap, stable=True)
@@ -57,8 +56,6 @@ def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: t
 def _segment_mean(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
     """Mean of the rows of `x` in each of `n` segments (sites of a cell, sites of a view): the CSR scatter
     kernel on a GPU, which sums each segment in a fixed order (no atomics); its twin on the CPU."""
-    from ..kernels.sparse_bag import tap_scatter
-
     sums = tap_scatter(x[:, None, :], torch.arange(len(x), device=x.device), segment, torch.zeros_like(segment), n)
     return sums / torch.bincount(segment, minlength=n).to(x.dtype)[:, None]
 
@@ -157,7 +154,7 @@ class SparseConvMIL(nn.Module):
         else:
             x0 = _segment_mean(features.reshape(-1, features.shape[-1]), rules.tile_site.to(dev), len(inp.keys))
             c1 = _tap_matmul(x0, blk.conv1, src, dst, tap, n1)
-            pooled = torch.zeros(n1, x0.shape[1], dtype=x0.dtype, device=x0.device).index_add_(0, dst, x0[src]) / 9
+            pooled = tap_scatter(x0[:, None, :], src, dst, torch.zeros_like(src), n1) / 9
             dpre = pooled @ blk.convd[:, :, 0, 0].T
         s_src, s_dst, s_tap = (t.to(dev) for t in rules.submanifold)
 
@@ -184,8 +181,6 @@ class SparseConvMIL(nn.Module):
         products then take the tiles' rows straight from the table. The downsample branch, 1x1 conv of
         the 3x3 average pool, is the 1x1 conv of each tile pooled the same way.
         """
-        from ..kernels.sparse_bag import gather_gemm, tap_scatter
-
         table = features.table
         rows = features.rows.reshape(-1).to(table.device)
         n_tiles = len(tile_site)
