@@ -1,23 +1,17 @@
 """SparseConvMIL against the reference SparseConvNet outputs in ../shared/fixtures/scn_layer4.npz."""
 
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
 from gigassl_fast import SparseConvMIL
 from gigassl_fast.aggregators import rulebook as rb
 
-FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "scn_layer4.npz")
-
 
 @pytest.fixture(scope="module")
-def fx():
-    if not os.path.exists(FIXTURE):
-        pytest.skip(f"fixtures not found at {FIXTURE}")
-    return np.load(FIXTURE)
+def fx(fixtures):
+    return fixtures
 
 
 def _state(fx):

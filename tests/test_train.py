@@ -11,7 +11,7 @@ from gigassl_fast.errors import GigasslError
 from gigassl_fast.pack import Store, pack
 from gigassl_fast.ssl import build_aggregator, nt_xent
 from gigassl_fast.train import TrainParams, learning_rate
-from gigassl_fast.views import StoreRows, sample_views, spatial_augment
+from gigassl_fast.views import StoreRows, apply_spatial, augmentation_matrix, sample_views, spatial_augment
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,20 @@ def test_views_gather_the_right_tiles_and_augment_coordinates():
     d = (q[:, 1] - q[:, 0]).norm(dim=1)
     assert d.min() > 0.7 * 896 - 3 and d.max() < 1.3 * 896 + 3
     assert q.std(dim=0).mean() > 100  # rotations and translations vary per view
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_spatial_augmentation_reproduces_the_reference(fixtures, case):
+    """The reference's p' = trunc(float32(p - t) @ M) with M = R(theta) diag(flips) diag(scales), theta used
+    as radians: from its drawn parameters we rebuild its matrix, and from its matrix and translation its
+    network input, exactly."""
+    p = f"c{case}/"
+    params = torch.from_numpy(fixtures[p + "aug_params"])
+    m = augmentation_matrix(params[:, 0], params[:, 1:3], params[:, 3:5])
+    np.testing.assert_allclose(m.numpy(), fixtures[p + "aug_matrix"], rtol=0, atol=2e-7)
+    out = apply_spatial(torch.from_numpy(fixtures[p + "locs_level0"]), torch.from_numpy(fixtures[p + "aug_matrix"]),
+                        torch.from_numpy(fixtures[p + "aug_translation"]))
+    np.testing.assert_array_equal(out.numpy(), fixtures[p + "locs_input"])
 
 
 def test_fused_views_point_at_the_tiles_the_copy_path_gathers():

@@ -45,6 +45,22 @@ def tile_features(features: torch.Tensor | StoreRows) -> StoreRows:
     return StoreRows(features.reshape(b * k, d), torch.arange(b * k, device=features.device).view(b, k))
 
 
+def augmentation_matrix(theta: torch.Tensor, flips: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """M = R(theta) diag(flips) diag(scales), float32 (B, 2, 2), from angles (B,) used as radians and
+    per-axis flips (+-1) and scales (B, 2)."""
+    theta = theta.float()
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (B, 2, 2)
+    return rot * (flips.float() * scales.float())[:, None, :]  # diagonal factors scale the columns
+
+
+def apply_spatial(locs: torch.Tensor, matrix: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """p' = trunc(float32(p - t) @ M) per view: int64 (B, k, 2) coordinates, (B, 2, 2) matrices and int64
+    (B, 2) translations -> int64 (B, k, 2), truncated toward zero as the reference does."""
+    p = (locs - translation[:, None, :]).to(torch.float32)
+    return torch.trunc(torch.bmm(p, matrix.to(torch.float32))).to(torch.int64)
+
+
 def spatial_augment(locs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """int64 (B, k, 2) level-0 coordinates -> augmented int64 (B, k, 2); one transform per view."""
     b = locs.shape[0]
@@ -53,16 +69,12 @@ def spatial_augment(locs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     def u(*shape):
         return torch.rand(*shape, generator=gen, device=gen.device).to(dev)
 
-    theta = (u(b) * 360 - 180).float()
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (B, 2, 2)
+    theta = u(b) * 360 - 180
     flips = torch.where(u(b, 2) < 0.5, -1.0, 1.0)
     scales = 0.7 + 0.6 * u(b, 2)
-    m = rot * (flips * scales)[:, None, :]  # R @ diag(flips) @ diag(scales): scales columns
     extent = (locs.max(dim=1).values - locs.min(dim=1).values).clamp(min=1)  # (B, 2)
     t = torch.floor(u(b, 2) * extent.to(torch.float64)).to(torch.int64).clamp(max=extent - 1)
-    p = (locs - t[:, None, :]).to(torch.float32)
-    return torch.trunc(torch.bmm(p, m.to(torch.float32))).to(torch.int64)
+    return apply_spatial(locs, augmentation_matrix(theta, flips, scales), t)
 
 
 def sample_views(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: torch.Tensor, k: int,
