@@ -37,6 +37,8 @@ def test_duplicate_ids_fail_before_any_work(tmp_path):
     ("slide,file\na,b\n", "needs a header"),
     ("path,mpp\nx.svs,abc\n", "mpp must be a number"),
     ("path,mpp\nx.svs,-1\n", "mpp must be > 0"),
+    ("slide_id,path,mpp\n", "has no slides"),
+    ("slide_id,path\na/b,x.svs\n", "m.csv:2: slide_id 'a/b' is not a plain file name"),
 ])
 def test_bad_manifests(tmp_path, content, words):
     m = tmp_path / "m.csv"
@@ -46,8 +48,8 @@ def test_bad_manifests(tmp_path, content, words):
 
 
 def test_missing_inputs(tmp_path):
-    with pytest.raises(GigasslError, match="no such file or folder"):
-        collect_slides([str(tmp_path / "nope.svs")])
+    # a missing path is one slide that will fail (as a bad manifest row), not the end of the cohort
+    assert [(e.slide_id, e.path) for e in collect_slides([str(tmp_path / "nope.svs")])] == [("nope", str(tmp_path / "nope.svs"))]
     with pytest.raises(GigasslError, match="matches no file"):
         collect_slides([str(tmp_path / "*.svs")])
     (tmp_path / "empty").mkdir()

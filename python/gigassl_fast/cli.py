@@ -70,14 +70,17 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
     """Tissue mask and tile grid for each slide.
 
     SLIDES are slide files, folders, globs or a CSV manifest (slide_id,path[,mpp]). Slides whose
-    tile file is complete with the same parameters are skipped. Exit code 1 if any slide failed.
+    tile file is complete with the same parameters are skipped. Exit code 1 if any slide failed, 3 if
+    none failed but another process was working on some (the cohort is incomplete).
     """
     from .cohort import collect_slides, parse_shard, take_shard
+    from .outputs import writable_dir
     from .tiling import run_tile
 
     params = _tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp)
     shard_spec = parse_shard(shard)
     entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)
+    writable_dir(out_dir)
     name = "tile_summary.json" if shard is None else f"tile_summary.shard{shard_spec[0]}of{shard_spec[1]}.json"
     summary = run_tile(entries, params, out_dir, reader=reader, overwrite=overwrite, qc=not no_qc, summary_name=name)
     click.echo(summary.table())
@@ -106,6 +109,9 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
               help="Where SVS/TIFF tiles are decoded. auto: on the GPU (cuCIM) when the encoder runs there and a "
                    "trial in a separate process finds it matches CPU decoding and is faster, else on the CPU; "
                    "gpu: on the GPU, no trial.")
+@click.option("--on-corrupt-tile", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="A tile whose image data is corrupt: fail the slide naming it, or drop the tiles it touches "
+                   "(recorded in the feature file and the summary).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of tile draws and augmentations.")
 @click.option("--pca", type=click.Path(dir_okay=False), default=None,
               help="Project features with a PCA file (from `gigassl-fast pca`), e.g. wide features to 256-d.")
@@ -113,13 +119,14 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
 @click.option("--overwrite", is_flag=True, help="Replace feature files made with other parameters.")
 @click.option("--list-encoders", is_flag=True, help="List the registered encoders and exit.")
 def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp,
-           slide_mpp, reader, batch_size, workers, device, precision, decode, seed, pca, shard, overwrite,
-           list_encoders) -> None:
+           slide_mpp, reader, batch_size, workers, device, precision, decode, on_corrupt_tile, seed, pca, shard,
+           overwrite, list_encoders) -> None:
     """Tile features for each slide, plain and under Giga-SSL augmentations.
 
     SLIDES are slide files, folders, globs or a CSV manifest (slide_id,path[,mpp]). Slides are tiled
     first when their tile file is missing. Finished slides are skipped; under torchrun each rank takes
-    its share of the slides and its own GPU. Exit code 1 if any slide failed.
+    its share of the slides and its own GPU. Exit code 1 if any slide failed, 3 if none failed but
+    another process was working on some (the cohort is incomplete: run again when it has finished).
     """
     from .encoders import get_config
     from .encoders import list_encoders as names
@@ -134,12 +141,14 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
         raise click.UsageError("encode needs SLIDES and --out (or --list-encoders)")
     from .cohort import collect_slides, parse_shard, take_shard
     from .encode import EncodeParams, run_encode
+    from .outputs import writable_dir
 
     params = EncodeParams(encoder=encoder, weights=weights, naug=naug, nt=nt, batch_size=batch_size, workers=workers,
-                          device=device, precision=precision, decode=decode, seed=seed, pca=pca,
-                          tiles=_tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp)).validate()
+                          device=device, precision=precision, decode=decode, on_corrupt_tile=on_corrupt_tile, seed=seed,
+                          pca=pca, tiles=_tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp)).validate()
     shard_spec = parse_shard(shard)
     entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)
+    writable_dir(out_dir)
     name = "encode_summary.json" if shard is None else f"encode_summary.shard{shard_spec[0]}of{shard_spec[1]}.json"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         name = name.replace(".json", f".rank{os.environ.get('RANK', '0')}.json")
@@ -162,8 +171,10 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
 def pca(features_dir, dim, out_file, max_tiles) -> None:
     """Fit a PCA on the plain tile features of FEATURES_DIR (feature files from `encode`), for
     `encode --pca`: e.g. encode a subset with --naug 0, fit, then encode the cohort with --pca."""
+    from .outputs import writable_file
     from .pca import fit_pca, save_pca
 
+    writable_file(out_file)
     fitted = fit_pca(features_dir, dim, max_tiles)
     save_pca(out_file, fitted)
     click.echo(f"PCA {fitted['components'].shape[1]} -> {dim}, explained variance "
@@ -177,8 +188,10 @@ def pca(features_dir, dim, out_file, max_tiles) -> None:
               help="Project every feature with a PCA file (from `gigassl-fast pca`), e.g. to 256-d for sparse-layer4.")
 def pack_cmd(features_dir, out_file, pca) -> None:
     """Pack every feature file of FEATURES_DIR (from `encode`) into one store for `train`."""
+    from .outputs import writable_file
     from .pack import pack
 
+    writable_file(out_file)
     info = pack(features_dir, out_file, pca)
     for f, why in info["skipped"]:
         click.echo(f"skipped {f}: {why}", err=True)
@@ -205,16 +218,23 @@ def pack_cmd(features_dir, out_file, pca) -> None:
 @click.option("--sync-bn", is_flag=True, help="Batch-norm statistics over all processes (torchrun).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoint_last.pt.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoint_last.pt, with the same settings.")
+@click.option("--force-resume", is_flag=True,
+              help="With --resume: continue even with settings that change the run (logged; config.json keeps the "
+                   "original).")
 @click.option("--stop-at-epoch", type=click.IntRange(min=1), default=None,
               help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
 def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, base_lr, warmup_epochs, weight_decay,
-              resnet18_weights, checkpoint_every, sync_bn, device, seed, resume, stop_at_epoch) -> None:
+              resnet18_weights, checkpoint_every, sync_bn, device, seed, resume, force_resume, stop_at_epoch) -> None:
     """Slide-level SimCLR on a packed STORE (from `pack`); one process per GPU under torchrun."""
     import torch.distributed as dist
 
+    from .outputs import writable_dir
     from .train import TrainParams, train
 
+    if force_resume and not resume:
+        raise click.UsageError("--force-resume goes with --resume")
+    writable_dir(out_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         import torch
 
@@ -223,7 +243,7 @@ def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, ba
                          base_lr=base_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed,
                          checkpoint_every=checkpoint_every, resnet18_weights=resnet18_weights, sync_bn=sync_bn,
                          device=device, stop_at_epoch=stop_at_epoch)
-    result = train(store, out_dir, params, resume=resume, log=lambda m: click.echo(m, err=True))
+    result = train(store, out_dir, params, resume=resume, force_resume=force_resume, log=lambda m: click.echo(m, err=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
         click.echo(f"{result['steps']} steps, last loss {result['last_loss']:.4f}; checkpoint {result['checkpoint']}")
 
@@ -244,7 +264,9 @@ def embed_cmd(source, checkpoint, out_file, views, tiles_per_view, with_replacem
     """Slide embeddings (512-d, L2-normalised) from SOURCE, a features folder (from `encode`) or a store
     (from `pack`), with a trained CHECKPOINT."""
     from .embed import EmbedParams, embed
+    from .outputs import writable_file
 
+    writable_file(out_file)
     info = embed(source, checkpoint, out_file, EmbedParams(views, tiles_per_view, with_replacement, seed, device=device),
                  fmt, log=lambda m: click.echo(m, err=True))
     click.echo(f"{info['slides']} slides embedded -> {out_file}" +
@@ -271,6 +293,7 @@ def probe_cmd(embeddings, labels, out_dir, folds, train_size, repeats, C, search
     stratified k-fold CV and few-shot splits. With a patient_id column, a patient's slides stay on one
     side of every split (the reference splits by slide and lets patients leak into the test set).
     """
+    from .outputs import writable_dir
     from .probe import ProbeParams, run_probe
 
     try:
@@ -278,6 +301,10 @@ def probe_cmd(embeddings, labels, out_dir, folds, train_size, repeats, C, search
     except ValueError:
         raise click.BadParameter(f"must be integers separated by commas (got {train_size!r})",
                                  param_hint="--train-size") from None
+    if any(n < 2 for n in sizes) or (train_size.strip() and not sizes):
+        raise click.BadParameter(f"training-set sizes must be whole numbers >= 2 (got {train_size!r})",
+                                 param_hint="--train-size")
+    writable_dir(out_dir)
     report = run_probe(embeddings, labels, out_dir, ProbeParams(folds, sizes, repeats, C, search_C, seed), baseline,
                        warn=lambda m: click.echo(m, err=True))
     click.echo(report["table"])
@@ -348,6 +375,13 @@ def main() -> None:
     except GigasslError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:
+        # A storage failure outside the writers that handle their own (e.g. a log line on a full disk).
+        from .outputs import write_cause
+
+        where = err.filename or "an output file"
+        click.echo(f"error: {where}: {write_cause(str(where), err) or err}; check free space and permissions", err=True)
+        sys.exit(1)
     except SystemExit:
         raise
     except KeyboardInterrupt:

@@ -23,9 +23,21 @@ class SlideEntry:
 
 
 def _slide_id(path: str) -> str:
-    name = os.path.basename(path)
+    name = os.path.basename(path.rstrip("/" + os.sep))
     stem, ext = os.path.splitext(name)
     return stem if ext else name
+
+
+def check_slide_id(slide_id: str, where: str) -> str:
+    """`slide_id` if it can name output files (``features/<slide_id>.h5``): a plain file name, no folder
+    part, so that no output lands outside --out and every stage finds every slide."""
+    bad = ("/" in slide_id or "\\" in slide_id or slide_id in (".", "..")
+           or any(ord(c) < 32 for c in slide_id))
+    if bad:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slide_id).strip(".") or "slide"
+        raise GigasslError(f"{where}: slide_id {slide_id!r} is not a plain file name (no '/', '\\', '.' or '..'): "
+                           f"outputs are named after it; use e.g. {safe!r}")
+    return slide_id
 
 
 def _from_manifest(path: str) -> list[SlideEntry]:
@@ -50,7 +62,10 @@ def _from_manifest(path: str) -> list[SlideEntry]:
                     raise GigasslError(f"{path}:{line}: mpp must be a number (got {row['mpp']!r})") from None
                 if not (mpp > 0 and math.isfinite(mpp)):
                     raise GigasslError(f"{path}:{line}: mpp must be > 0 (got {row['mpp']})")
-            entries.append(SlideEntry(row.get("slide_id") or _slide_id(slide_path), slide_path, mpp))
+            slide_id = check_slide_id(row.get("slide_id") or _slide_id(slide_path), f"{path}:{line}")
+            entries.append(SlideEntry(slide_id, slide_path, mpp))
+    if not entries:
+        raise GigasslError(f"{path}: the manifest has no slides (a header only); add one row per slide")
     return entries
 
 
@@ -67,9 +82,10 @@ def collect_slides(inputs: Sequence[str], default_mpp: float | None = None) -> l
     """Slides named by `inputs`, sorted by id; duplicate ids are an error before any work starts.
 
     Each input is a slide file, a folder (searched recursively for slide extensions), a glob, or a
-    CSV manifest (``.csv``: slide_id,path[,mpp]). A file with an unknown extension is kept, so
-    that the run reports it rather than silently skipping it. `default_mpp` (``--slide-mpp``)
-    applies to slides whose manifest row gives none.
+    CSV manifest (``.csv``: slide_id,path[,mpp]). A file with an unknown extension, a path that does
+    not exist and a folder named like a slide file (``x.svs/`` without slides inside) are kept, so that
+    the run reports each as one failed slide, as it does a bad manifest row, rather than stopping the
+    cohort. `default_mpp` (``--slide-mpp``) applies to slides whose manifest row gives none.
     """
     if not inputs:
         raise GigasslError("no slides given; pass slide files, folders, globs or a CSV manifest")
@@ -79,21 +95,26 @@ def collect_slides(inputs: Sequence[str], default_mpp: float | None = None) -> l
             entries.extend(_from_manifest(item))
         elif os.path.isdir(item):
             found = _from_folder(item)
-            if not found:
+            if found:
+                entries.extend(found)
+            elif _has_slide_extension(item):
+                entries.append(SlideEntry(_slide_id(item), item))
+            else:
                 raise GigasslError(f"{item}: no slide files found (looked for {', '.join(sorted(SLIDE_EXTENSIONS))})")
-            entries.extend(found)
-        elif os.path.exists(item):
-            entries.append(SlideEntry(_slide_id(item), item))
-        elif glob.has_magic(item):
+        elif glob.has_magic(item) and not os.path.exists(item):
             matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise GigasslError(f"{item}: the pattern matches no file")
             entries.extend(SlideEntry(_slide_id(p), p) for p in matches)
         else:
-            raise GigasslError(f"{item}: no such file or folder")
+            entries.append(SlideEntry(_slide_id(item), item))
     if default_mpp is not None:
         entries = [e if e.mpp is not None else SlideEntry(e.slide_id, e.path, default_mpp) for e in entries]
     return sorted(_unique(entries).values(), key=lambda e: e.slide_id)
+
+
+def _has_slide_extension(path: str) -> bool:
+    return os.path.splitext(path.rstrip("/" + os.sep))[1].lower() in SLIDE_EXTENSIONS
 
 
 def _unique(entries: Iterable[SlideEntry]) -> dict[str, SlideEntry]:

@@ -28,7 +28,8 @@ import torch
 from . import __version__
 from .encoders.weights import file_checksum
 from .errors import GigasslError
-from .h5files import atomic_h5, read_attrs, read_strings, write_attrs
+from .h5files import atomic_h5, open_h5, read_attrs, read_strings, write_attrs
+from .outputs import atomic_file
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,20 @@ class EmbedParams:
     device: str = "auto"
 
 
-def iter_slides(source: str) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict]]:
-    """(slide_id, features float32 (N, D), coords int64 (N, 2), attrs) from a features folder or a store."""
+def iter_slides(source: str, warn=print) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict]]:
+    """(slide_id, features float32 (N, D), coords int64 (N, 2), attrs) from a features folder or a store.
+    In a folder, a truncated or damaged feature file is reported through `warn` and left out."""
     if os.path.isdir(source):
         files = sorted(glob.glob(os.path.join(source, "*.h5")))
         if not files:
             raise GigasslError(f"{source}: no feature files (*.h5); run `gigassl-fast encode` first")
         for f in files:
-            with h5py.File(f, "r") as fh:
+            try:
+                fh = open_h5(f, "feature file", "rerun `gigassl-fast encode` for its slide")
+            except GigasslError as err:
+                warn(f"skipped {err}")
+                continue
+            with fh:
                 attrs = read_attrs(fh)
                 if not attrs.get("complete"):
                     continue
@@ -110,7 +117,7 @@ def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5
             sums[slide] += vec
             counts[slide] += 1
 
-    for sid, feats, coords, attrs in iter_slides(source):
+    for sid, feats, coords, attrs in iter_slides(source, warn=log):
         encoder = encoder or attrs.get("encoder")
         if feats.shape[1] != in_dim:
             raise GigasslError(f"{sid}: {feats.shape[1]}-d features, but the checkpoint was trained on {in_dim}-d "
@@ -141,14 +148,15 @@ def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5
              "aggregator": ckpt["params"]["aggregator"], "views": p.views, "tiles_per_view": p.tiles_per_view,
              "with_replacement": p.with_replacement, "seed": p.seed, "encoder": encoder, "version": __version__,
              "empty_slides": empty}
-    with atomic_h5(out) as fh:
+    with atomic_h5(out, emb.nbytes + sum(len(i) for i in ids) * 4) as fh:
         fh.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
         fh.create_dataset("embeddings", data=emb)
         write_attrs(fh, attrs)
     if fmt == "npy":
         folder = os.path.dirname(os.path.abspath(out))
-        np.save(os.path.join(folder, "embeddings.npy"), emb)
-        np.save(os.path.join(folder, "ids.npy"), np.array(ids))
+        for name, array in (("embeddings.npy", emb), ("ids.npy", np.array(ids))):
+            with atomic_file(os.path.join(folder, name), array.nbytes) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, array)
     for sid in empty:
         log(f"warning: {sid}: no tissue tiles, no embedding")
     return {"slides": len(ids), "empty": empty, "out": out}

@@ -6,6 +6,7 @@ File ``features/<slide_id>.h5`` (CLAM/TRIDENT names for the first two):
     aug/indices   int32 (Naug, Nt)     tiles drawn with replacement for augmented version a
     aug/features  float16 (Naug, Nt, D) batch a encoded under augmentation a
     aug/params    float32 (Naug, 13)   the augmentation parameters (columns: augment.PARAM_COLUMNS)
+    corrupt_coords int64 (K, 2)        tiles left out for corrupt image data (--on-corrupt-tile skip)
     attrs         the tile file's attributes plus encoder, weights checksum, Naug, Nt, seed, precision,
                   device, version.
 
@@ -33,9 +34,9 @@ from .cohort import SlideEntry
 from .encoders import create_encoder, get_config
 from .errors import GigasslError
 from .h5files import atomic_h5, is_complete, read_attrs, write_attrs
-from .locks import slide_lock
+from .locks import lock_holder, slide_lock
 from .runlog import Progress, RunSummary, SlideRecord
-from .slides import Slide
+from .slides import CorruptTilesError, Slide
 from .tiling import TileParams, read_tile_file, tile_one, tile_path
 
 FORMAT = "gigassl-fast/features/1"
@@ -52,6 +53,7 @@ class EncodeParams:
     device: str = "auto"
     precision: str = "auto"
     decode: str = "auto"
+    on_corrupt_tile: str = "fail"
     seed: int = 0
     pca: str | None = None
     tiles: TileParams = field(default_factory=TileParams)
@@ -72,6 +74,8 @@ class EncodeParams:
             raise GigasslError(f"--precision must be auto, bf16 or fp32 (got {self.precision!r})")
         if self.decode not in ("auto", "gpu", "cpu"):
             raise GigasslError(f"--decode must be auto, gpu or cpu (got {self.decode!r})")
+        if self.on_corrupt_tile not in ("fail", "skip"):
+            raise GigasslError(f"--on-corrupt-tile must be fail or skip (got {self.on_corrupt_tile!r})")
         if self.decode == "gpu":
             from .compute import cucim_gpu_decode
 
@@ -226,7 +230,10 @@ def _to_float(tiles_u8: torch.Tensor, size: int) -> torch.Tensor:
 
 def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc: TileEncoder,
                  slide_id: str, timings: dict) -> dict:
-    """Features of one slide (see the module docstring); returns the arrays to write."""
+    """Features of one slide (see the module docstring); returns the arrays to write.
+
+    Tiles with corrupt image data raise one CorruptTilesError naming every such tile of the slide: once
+    the first is found, the rest of the slide is only decoded, to find the others."""
     n = len(coords)
     tile = int(grid_attrs["tile_size"])
     size = enc.config.input_size
@@ -250,12 +257,18 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
         return tiles, time.perf_counter() - t
 
     # The next chunk is decoded while this one is encoded.
+    corrupt: list[CorruptTilesError] = []
     with ThreadPoolExecutor(max_workers=1) as pool_exec:
         pending = pool_exec.submit(decode, chunks[0]) if chunks else None
         for i, (start, stop) in enumerate(chunks):
-            raw, seconds = pending.result()
+            try:
+                raw, seconds = pending.result()
+            except CorruptTilesError as err:
+                corrupt.append(err)
             if i + 1 < len(chunks):
                 pending = pool_exec.submit(decode, chunks[i + 1])
+            if corrupt:
+                continue
             timings["read"] += seconds
             x = _to_float(raw, tile)
             keep = slot[start:stop] >= 0
@@ -268,6 +281,9 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
             features[start:stop] = enc(x if tile == size else F.interpolate(
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).numpy()
             timings["encode"] += time.perf_counter() - t
+    if corrupt:
+        raise CorruptTilesError(slide.path, [p for e in corrupt for p in e.positions], corrupt[0].level,
+                                corrupt[0].detail)
     aug_features = np.empty((params.naug if n else 0, params.nt, enc.out_dim), np.float16)
     aug_params = np.empty((params.naug if n else 0, len(PARAM_COLUMNS)), np.float32)
     for a in range(aug_features.shape[0]):
@@ -292,8 +308,10 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
 
 
 def write_features(path: str, arrays: dict, attrs: dict) -> None:
-    with atomic_h5(path) as fh:
+    nbytes = sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
+    with atomic_h5(path, nbytes) as fh:
         fh.create_dataset("coords", data=arrays["coords"])
+        fh.create_dataset("corrupt_coords", data=arrays.get("corrupt_coords", np.zeros((0, 2), np.int64)))
         fh.create_dataset("features", data=arrays["features"])
         g = fh.create_group("aug")
         g.create_dataset("indices", data=arrays["indices"])
@@ -308,7 +326,9 @@ def read_features(path: str) -> dict:
     try:
         with h5py.File(path, "r") as fh:
             return {"coords": fh["coords"][:], "features": fh["features"][:], "aug_indices": fh["aug/indices"][:],
-                    "aug_features": fh["aug/features"][:], "aug_params": fh["aug/params"][:], "attrs": read_attrs(fh)}
+                    "aug_features": fh["aug/features"][:], "aug_params": fh["aug/params"][:],
+                    "corrupt_coords": fh["corrupt_coords"][:] if "corrupt_coords" in fh else np.zeros((0, 2), np.int64),
+                    "attrs": read_attrs(fh)}
     except (OSError, KeyError) as err:
         raise GigasslError(f"{path}: not a readable feature file ({err}); rerun `gigassl-fast encode`") from None
 
@@ -328,18 +348,31 @@ def encode_one(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileE
                                f"{path} exists with other parameters; pass --overwrite to replace it")
     with slide_lock(path + ".lock") as mine:
         if not mine:
-            return SlideRecord(entry.slide_id, entry.path, "skipped", 0, time.time() - start,
-                               "another process is encoding it")
+            return SlideRecord(entry.slide_id, entry.path, "locked", 0, time.time() - start,
+                               f"being encoded by {lock_holder(path + '.lock')}")
         try:
             tile_rec = tile_one(entry, params.tiles, out_dir, reader, overwrite=False, qc=True)
-            if tile_rec.status == "failed":
-                return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start, tile_rec.message)
+            if tile_rec.status in ("failed", "locked"):
+                return SlideRecord(entry.slide_id, entry.path, tile_rec.status, 0, time.time() - start, tile_rec.message)
             grid = read_tile_file(tile_path(out_dir, entry.slide_id))
+            coords, dropped = grid.coords, np.zeros((0, 2), np.int64)
             with Slide(entry.path, reader=reader, mpp=entry.mpp) as slide:
-                arrays = encode_slide(slide, grid.attrs, grid.coords, params, enc, entry.slide_id, timings)
+                try:
+                    arrays = encode_slide(slide, grid.attrs, coords, params, enc, entry.slide_id, timings)
+                except CorruptTilesError as err:
+                    if params.on_corrupt_tile != "skip":
+                        raise GigasslError(f"{err}; pass --on-corrupt-tile skip to drop such tiles") from None
+                    # every corrupt tile of the slide is named at once, so one more pass without them
+                    dropped = np.array(sorted(set(err.positions)), np.int64).reshape(-1, 2)
+                    keep = ~(coords[:, None, :] == dropped[None]).all(-1).any(1)
+                    if not keep.any():
+                        raise GigasslError(f"{err}; every tile of the slide is corrupt") from None
+                    coords = coords[keep]
+                    arrays = encode_slide(slide, grid.attrs, coords, params, enc, entry.slide_id, timings)
+            arrays["corrupt_coords"] = dropped
             attrs = {**grid.attrs, **key, "format": FORMAT, "version": __version__, "out_dim": enc.out_dim, "pca": params.pca,
                      "input_size": enc.config.input_size, "device": str(enc.device), "compute_precision": enc.precision,
-                     "aug_param_columns": list(PARAM_COLUMNS)}
+                     "aug_param_columns": list(PARAM_COLUMNS), "n_corrupt_tiles": len(dropped)}
             write_features(path, arrays, attrs)
         except GigasslError as err:
             return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start, str(err))
@@ -350,6 +383,11 @@ def encode_one(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileE
     if n == 0:
         return SlideRecord(entry.slide_id, entry.path, "empty", 0, time.time() - start,
                            "no tissue tiles: feature file written with 0 tiles")
+    if len(dropped):
+        x, y = dropped[0]
+        return SlideRecord(entry.slide_id, entry.path, "done", n, time.time() - start,
+                           f"{len(dropped)} tiles with corrupt image data left out, e.g. at level-0 ({x}, {y})",
+                           corrupt_tiles=dropped.tolist())
     return SlideRecord(entry.slide_id, entry.path, "done", n, time.time() - start)
 
 

@@ -11,38 +11,34 @@ import h5py
 import numpy as np
 
 from .errors import GigasslError
+from .outputs import atomic_file
 
 #: Attribute set last, after every dataset was written; a file without it is not complete.
 COMPLETE = "complete"
 
 
 @contextlib.contextmanager
-def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+def atomic_h5(path: str | os.PathLike, nbytes: int = 0) -> Iterator[h5py.File]:
     """Writes an HDF5 file at ``<path>.tmp`` and renames it to `path` only when the block succeeds.
 
     A crash or an exception leaves no file at `path` (an existing one stays untouched) and no
-    temporary file behind.
+    temporary file behind. `nbytes`, the data's size, is checked against the free space first.
     """
     path = os.fspath(path)
-    tmp = path + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path, nbytes) as tmp, h5py.File(tmp, "w") as fh:
+        yield fh
+        fh.attrs[COMPLETE] = True
+        fh.flush()
+
+
+def open_h5(path: str | os.PathLike, what: str, fix: str) -> h5py.File:
+    """`path` opened for reading; a truncated or damaged file is one GigasslError naming it and `fix`."""
     try:
-        with h5py.File(tmp, "w") as fh:
-            yield fh
-            fh.attrs[COMPLETE] = True
-            fh.flush()
-        os.replace(tmp, path)
+        return h5py.File(path, "r")
     except OSError as err:
-        _remove(tmp)
-        raise GigasslError(f"{path}: could not write ({err.strerror or err}); check free space and permissions") from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+        cause = str(err).split("(")[0].strip().rstrip(",") or type(err).__name__
+        raise GigasslError(f"{path}: not a readable {what}, truncated or damaged ({cause}); {fix}") from None
 
 
 def write_attrs(group: h5py.Group | h5py.File, attrs: Mapping[str, object]) -> None:

@@ -1,5 +1,9 @@
 """Per-slide lock files, so several processes (SLURM array jobs, torchrun ranks) can share one output
-folder: a slide is worked on by one process at a time; a lock left by a dead process is taken over."""
+folder: a slide is worked on by one process at a time; a stale lock is taken over.
+
+A lock is stale when, on this host, its process is dead or is this very process (a lock left by an
+earlier process that had our id, e.g. in a restarted container), or when it is older than
+``STALE_AFTER_S`` (6 hours: no slide takes that long; on another host the owner cannot be checked)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 import socket
 import time
 
-#: A lock older than this is stale even if its owner cannot be checked (another host).
+#: A lock older than this is stale whoever holds it.
 STALE_AFTER_S = 6 * 3600
 
 
@@ -23,19 +27,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _is_stale(path: str) -> bool:
+def _read(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as fh:
             info = json.load(fh)
+        return info if isinstance(info, dict) else None
     except (OSError, ValueError):
+        return None
+
+
+def is_stale(path: str) -> bool:
+    """Whether the lock at `path` may be taken over (see the module docstring)."""
+    info = _read(path)
+    if info is None:
         # Unreadable: a lock being written right now, or garbage; judge by age.
         try:
             return time.time() - os.path.getmtime(path) > 60
         except OSError:
             return True
+    try:
+        pid, age = int(info.get("pid", -1)), time.time() - float(info.get("time", 0))
+    except (TypeError, ValueError):
+        return True
+    if age > STALE_AFTER_S:
+        return True
     if info.get("host") == socket.gethostname():
-        return not _alive(int(info.get("pid", -1)))
-    return time.time() - float(info.get("time", 0)) > STALE_AFTER_S
+        return pid == os.getpid() or not _alive(pid)
+    return False
+
+
+def lock_holder(path: str) -> str:
+    """Who holds the lock at `path`, for messages: 'process 123 on host-a since 14:02:11'."""
+    info = _read(path)
+    if info is None:
+        return "another process"
+    since = time.strftime("%H:%M:%S", time.localtime(float(info.get("time", 0))))
+    return f"process {info.get('pid')} on {info.get('host')} since {since}"
 
 
 @contextlib.contextmanager
@@ -48,7 +75,7 @@ def slide_lock(path: str):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            if not _is_stale(path):
+            if not is_stale(path):
                 yield False
                 return
             with contextlib.suppress(FileNotFoundError):

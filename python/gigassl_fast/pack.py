@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .errors import GigasslError
-from .h5files import atomic_h5, read_attrs, read_strings, write_attrs
+from .h5files import atomic_h5, open_h5, read_attrs, read_strings, write_attrs
 
 FORMAT = "gigassl-fast/store/1"
 #: Attributes every slide of a store must share.
@@ -38,9 +38,14 @@ def pack(features_dir: str, out: str, pca: str | None = None) -> dict:
     if not files:
         raise GigasslError(f"{features_dir}: no feature files (*.h5); run `gigassl-fast encode` first")
     ref, ref_file = None, None
-    ids, counts, skipped = [], [], []
+    ids, counts, skipped, usable = [], [], [], []
     for f in files:
-        with h5py.File(f, "r") as fh:
+        try:
+            fh = open_h5(f, "feature file", "rerun `gigassl-fast encode` for its slide")
+        except GigasslError as err:
+            skipped.append((f, str(err).removeprefix(f"{f}: ")))
+            continue
+        with fh:
             attrs = read_attrs(fh)
             if not attrs.get("complete"):
                 skipped.append((f, "incomplete file"))
@@ -58,6 +63,7 @@ def pack(features_dir: str, out: str, pca: str | None = None) -> dict:
                                f"{[shared[k] for k in diff]} vs {[ref[k] for k in diff]}); pack one encoder setting per store")
         ids.append(str(attrs.get("slide_id", os.path.splitext(os.path.basename(f))[0])))
         counts.append(n)
+        usable.append(f)
     if not ids:
         raise GigasslError(f"{features_dir}: no usable feature file ({'; '.join(f'{a}: {b}' for a, b in skipped[:3])})")
     if ref["naug"] == 0:
@@ -74,7 +80,8 @@ def pack(features_dir: str, out: str, pca: str | None = None) -> dict:
         return a if proj is None else project(a, proj).astype(np.float16)
 
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    with atomic_h5(out) as dst:
+    nbytes = int(offsets[-1]) * (16 + 2 * d) + s * naug * nt * (4 + 16 + 2 * d)
+    with atomic_h5(out, nbytes) as dst:
         dst.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
         dst.create_dataset("offsets", data=offsets)
         coords = dst.create_dataset("coords", (offsets[-1], 2), np.int64)
@@ -82,11 +89,8 @@ def pack(features_dir: str, out: str, pca: str | None = None) -> dict:
         a_idx = dst.create_dataset("aug/indices", (s, naug, nt), np.int32)
         a_xy = dst.create_dataset("aug/coords", (s, naug, nt, 2), np.int64)
         a_f = dst.create_dataset("aug/features", (s, naug, nt, d), np.float16)
-        k = 0
-        for f in files:
-            with h5py.File(f, "r") as fh:
-                if not fh.attrs.get("complete") or fh["coords"].shape[0] == 0:
-                    continue
+        for k, f in enumerate(usable):
+            with open_h5(f, "feature file", "rerun `gigassl-fast encode` for its slide") as fh:
                 c = fh["coords"][:]
                 coords[offsets[k]:offsets[k + 1]] = c
                 feats[offsets[k]:offsets[k + 1]] = fit(fh["features"][:])
@@ -94,7 +98,6 @@ def pack(features_dir: str, out: str, pca: str | None = None) -> dict:
                 a_idx[k] = idx
                 a_xy[k] = c[idx]
                 a_f[k] = fit(fh["aug/features"][:])
-            k += 1
         pca_attrs = {"pca_file": os.path.abspath(pca), "out_dim": d} if pca else {}
         write_attrs(dst, {**ref, **pca_attrs, "format": FORMAT, "version": __version__, "n_slides": s,
                           "n_tiles": int(offsets[-1]), "source": os.path.abspath(features_dir)})

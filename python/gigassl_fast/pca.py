@@ -9,10 +9,11 @@ from __future__ import annotations
 import glob
 import os
 
-import h5py
 import numpy as np
 
 from .errors import GigasslError
+from .h5files import open_h5
+from .outputs import atomic_file
 
 
 def fit_pca(features_dir: str, dim: int, max_rows: int = 200_000, seed: int = 0) -> dict[str, np.ndarray]:
@@ -27,7 +28,7 @@ def fit_pca(features_dir: str, dim: int, max_rows: int = 200_000, seed: int = 0)
     per_slide = max(1, max_rows // len(files))
     rows = []
     for f in files:
-        with h5py.File(f, "r") as fh:
+        with open_h5(f, "feature file", "delete it or rerun `gigassl-fast encode` for its slide") as fh:
             n = fh["features"].shape[0]
             take = np.sort(rng.choice(n, size=min(n, per_slide), replace=False)) if n else np.zeros(0, int)
             rows.append(fh["features"][take].astype(np.float32) if n else np.zeros((0, fh["features"].shape[1]), np.float32))
@@ -42,9 +43,8 @@ def fit_pca(features_dir: str, dim: int, max_rows: int = 200_000, seed: int = 0)
 
 
 def save_pca(path: str, pca: dict[str, np.ndarray]) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **pca)
-    os.replace(tmp, path)
+    with atomic_file(path, sum(a.nbytes for a in pca.values())) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **pca)
 
 
 def load_pca(path: str, in_dim: int | None = None) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import GigasslError
+from .outputs import atomic_file
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -31,30 +32,44 @@ class ProbeParams:
     seed: int = 0
 
 
-def read_labels(path: str) -> dict[str, tuple[str, str | None]]:
-    """slide_id -> (label, patient_id or None)."""
+def read_labels(path: str, warn=print) -> dict[str, tuple[str, str | None]]:
+    """slide_id -> (label, patient_id or None). A slide listed twice with another label or patient is an
+    error naming both lines; listed twice the same, a warning."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             cols = [c.strip() for c in (reader.fieldnames or [])]
             if "slide_id" not in cols or "label" not in cols:
                 raise GigasslError(f"{path}: needs a header with slide_id,label[,patient_id]; got {cols}")
-            out = {}
-            for row in reader:
+            out: dict[str, tuple[str, str | None]] = {}
+            first_line: dict[str, int] = {}
+            for line, row in enumerate(reader, start=2):
                 row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-                if row["slide_id"] and row["label"]:
-                    out[row["slide_id"]] = (row["label"], row.get("patient_id") or None)
+                sid = row["slide_id"]
+                if not (sid and row["label"]):
+                    continue
+                entry = (row["label"], row.get("patient_id") or None)
+                if sid in out:
+                    seen = first_line[sid]
+                    if out[sid] != entry:
+                        what, now, before = (("labelled", entry[0], out[sid][0]) if out[sid][0] != entry[0]
+                                             else ("given patient", entry[1], out[sid][1]))
+                        raise GigasslError(f"{path}:{line}: slide {sid!r} is {what} {now!r} here and {before!r} on "
+                                           f"line {seen}; give each slide one label")
+                    warn(f"warning: {path}:{line}: slide {sid!r} is listed twice (as on line {seen}); counted once")
+                    continue
+                out[sid], first_line[sid] = entry, line
             return out
     except OSError as err:
         raise GigasslError(f"{path}: cannot read the labels ({err.strerror})") from None
 
 
-def mean_pool_embeddings(features_dir: str) -> tuple[list[str], np.ndarray]:
+def mean_pool_embeddings(features_dir: str, warn=print) -> tuple[list[str], np.ndarray]:
     """The baseline: the mean of each slide's plain tile features, L2-normalised."""
     from .embed import iter_slides
 
     ids, rows = [], []
-    for sid, feats, _coords, _attrs in iter_slides(features_dir):
+    for sid, feats, _coords, _attrs in iter_slides(features_dir, warn=warn):
         if len(feats):
             ids.append(sid)
             m = feats.mean(0)
@@ -151,7 +166,7 @@ def evaluate(ids: list[str], x: np.ndarray, labels: dict, p: ProbeParams, warn=p
     names = [labels[ids[i]][0] for i in known]
     classes, y = np.unique(names, return_inverse=True)
     if len(classes) < 2:
-        raise GigasslError(f"only one class ({classes[0]!r}) among the labelled slides; a probe needs two or more")
+        raise GigasslError(f"only one class ({str(classes[0])!r}) among the labelled slides; a probe needs two or more")
     pats = [labels[ids[i]][1] for i in known]
     groups = np.array(pats) if all(pats) else None
     if any(pats) and groups is None:
@@ -216,19 +231,18 @@ def roc_png(path: str, curves: list[tuple[str, np.ndarray, np.ndarray]]) -> None
         d.text((pad + 10, pad + 10 + 14 * i), name, fill=colours[i % len(colours)])
     d.text((pad + size // 2 - 40, pad + size + 15), "false positive rate", fill="black")
     d.text((5, pad - 20), "true positive rate", fill="black")
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def run_probe(embeddings: str, labels_csv: str, out_dir: str, p: ProbeParams, baseline: str | None = None,
               warn=print) -> dict:
     from .embed import read_embeddings
 
-    labels = read_labels(labels_csv)
+    labels = read_labels(labels_csv, warn)
     sources = [("giga-ssl", *read_embeddings(embeddings))]
     if baseline:
-        sources.append(("mean-pool", *mean_pool_embeddings(baseline)))
+        sources.append(("mean-pool", *mean_pool_embeddings(baseline, warn)))
     settings, curves, extra = {}, [], {}
     for name, ids, x in sources:
         res, extra = evaluate(ids, x, labels, p, warn)
@@ -242,13 +256,13 @@ def run_probe(embeddings: str, labels_csv: str, out_dir: str, p: ProbeParams, ba
               **extra}
     report = {"settings": settings, "config": config}
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "probe.json"), "w", encoding="utf-8") as fh:
+    with atomic_file(os.path.join(out_dir, "probe.json")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2)
     lines = ["| setting | AUC mean ± std | balanced accuracy | n_train | splits |", "|---|---|---|---|---|"]
     for key, s in settings.items():
         lines.append(f"| {key} | {s['auc_mean']:.3f} ± {s['auc_std']:.3f} | {s['balanced_accuracy_mean']:.3f} | "
                      f"{s['n_train']} | {s['n_splits']} |")
-    with open(os.path.join(out_dir, "probe.md"), "w", encoding="utf-8") as fh:
+    with atomic_file(os.path.join(out_dir, "probe.md")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(f"# Linear probe\n\n{extra['n_slides']} slides, classes {', '.join(extra['classes'])}; "
                  f"{config['classifier']}; split by {'patient' if extra['grouped'] else 'slide'}.\n\n" + "\n".join(lines) + "\n")
     if curves:

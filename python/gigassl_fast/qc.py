@@ -41,7 +41,8 @@ def render_qc(thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, tile0
 def save_png(path: str, image: np.ndarray) -> None:
     from PIL import Image
 
+    from .outputs import atomic_file
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path, image.nbytes // 4) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -13,9 +15,14 @@ from dataclasses import asdict, dataclass, field
 import click
 
 from . import __version__
+from .errors import GigasslError
 
-#: Statuses a slide can end a stage with. "empty" (no tissue) is a warning, "failed" an error.
-STATUSES = ("done", "skipped", "empty", "failed")
+#: Statuses a slide can end a stage with. "empty" (no tissue) is a warning, "failed" an error, "locked"
+#: (another process was working on it) leaves the cohort incomplete.
+STATUSES = ("done", "skipped", "empty", "locked", "failed")
+
+#: Exit codes of cohort stages: a slide failed; or none failed but some were locked by other processes.
+EXIT_FAILED, EXIT_INCOMPLETE = 1, 3
 
 
 @dataclass
@@ -26,6 +33,8 @@ class SlideRecord:
     n_tiles: int = 0
     seconds: float = 0.0
     message: str = ""
+    #: level-0 (x, y) of tiles dropped for corrupt image data (encode --on-corrupt-tile skip)
+    corrupt_tiles: list = field(default_factory=list)
 
 
 @dataclass
@@ -51,27 +60,48 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        if self.failed:
+            return EXIT_FAILED
+        return EXIT_INCOMPLETE if self.counts["locked"] else 0
+
+    def run_info(self) -> dict:
+        return {"host": platform.node(), "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+                "seconds": round(time.time() - self.started, 3), "counts": self.counts}
 
     def to_dict(self) -> dict:
+        info = self.run_info()
         return {
             "stage": self.stage,
             "version": __version__,
-            "host": platform.node(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
-            "seconds": round(time.time() - self.started, 3),
-            "counts": self.counts,
+            **{k: info[k] for k in ("host", "started", "seconds", "counts")},
             "tiles": sum(r.n_tiles for r in self.records),
             "config": self.config,
             "slides": [asdict(r) for r in self.records],
+            "runs": [info],
         }
 
     def write_json(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
-        os.replace(tmp, path)
+        """Writes the summary, merged with the one already at `path`: runs sharing an output folder (at
+        the same time or one after another) each add their slides, and a slide's latest outcome wins,
+        except that "locked" (another process had it) never hides that process's outcome."""
+        from .outputs import atomic_file
+
+        with _exclusive(path):
+            merged = self.to_dict()
+            previous = _read_summary(path)
+            if previous is not None:
+                slides = {s["slide_id"]: s for s in previous.get("slides", []) if isinstance(s, dict) and "slide_id" in s}
+                for r in self.records:
+                    if not (r.status == "locked" and r.slide_id in slides):
+                        slides[r.slide_id] = asdict(r)
+                merged["slides"] = [slides[k] for k in sorted(slides)]
+                counts = Counter(s.get("status") for s in merged["slides"])
+                merged["counts"] = {s: counts.get(s, 0) for s in STATUSES}
+                merged["tiles"] = sum(int(s.get("n_tiles", 0)) for s in merged["slides"])
+                merged["runs"] = [*previous.get("runs", []), *merged["runs"]]
+            with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(merged, fh, indent=2)
 
     def table(self) -> str:
         """One screen: a row per slide (failures and warnings first when there are many), then totals."""
@@ -85,9 +115,38 @@ class RunSummary:
             lines.append(f"... {len(rows) - len(shown)} more slides without problems")
         c = self.counts
         lines.append(f"{len(self.records)} slides: {c['done']} done, {c['skipped']} skipped, "
-                     f"{c['empty']} without tissue, {c['failed']} failed; "
+                     f"{c['empty']} without tissue, {c['locked']} locked, {c['failed']} failed; "
                      f"{sum(r.n_tiles for r in self.records)} tiles in {time.time() - self.started:.1f} s")
+        if c["locked"]:
+            lines.append(f"cohort incomplete: {c['locked']} slides were being processed by another process; "
+                         "run again once it has finished (exit code 3)")
         return "\n".join(lines)
+
+
+def _read_summary(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None  # none yet, or damaged: this run's summary replaces it
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """One writer of the summary at `path` at a time, across processes (flock: released if we die)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    lock = os.path.join(folder, "." + os.path.basename(path) + ".lock")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as err:
+        raise GigasslError(f"{path}: cannot write the run summary ({err.strerror}); check --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class Progress:

@@ -22,6 +22,7 @@ from . import __version__, _core
 from .cohort import SlideEntry
 from .errors import GigasslError, SlideError
 from .h5files import atomic_h5, is_complete, read_attrs, write_attrs
+from .locks import lock_holder, slide_lock
 from .qc import render_qc, save_png
 from .runlog import Progress, RunSummary, SlideRecord
 from .slides import Slide
@@ -138,7 +139,7 @@ def qc_path(out_dir: str, slide_id: str) -> str:
 
 
 def write_tile_file(path: str, grid: TileGrid, slide_id: str, slide_mpp_user: float | None) -> None:
-    with atomic_h5(path) as fh:
+    with atomic_h5(path, grid.coords.nbytes + grid.mask.nbytes) as fh:
         fh.create_dataset("coords", data=np.asarray(grid.coords, np.int64))
         fh.create_dataset("mask", data=grid.mask, compression="gzip", compression_opts=4)
         write_attrs(fh, {**grid.attrs, "slide_id": slide_id, "slide_mpp_user": slide_mpp_user})
@@ -170,26 +171,40 @@ def _size(path: str) -> int | None:
 
 def tile_one(entry: SlideEntry, params: TileParams, out_dir: str, reader: str = "auto",
              overwrite: bool = False, qc: bool = True) -> SlideRecord:
-    """Tiles one cohort slide unless a matching tile file exists; errors become a failed record."""
+    """Tiles one cohort slide unless a matching tile file exists; errors become a failed record. A slide
+    that another process is tiling (its lock is held) is recorded as "locked"."""
     start = time.time()
     path = tile_path(out_dir, entry.slide_id)
-    if not overwrite and os.path.exists(path) and is_complete(path, reuse_key(entry, params)):
+    key = reuse_key(entry, params)
+
+    def up_to_date() -> SlideRecord | None:
+        if overwrite or not (os.path.exists(path) and is_complete(path, key)):
+            return None
         with h5py.File(path, "r") as fh:
             n = int(fh["coords"].shape[0])
         return SlideRecord(entry.slide_id, entry.path, "skipped", n, time.time() - start, "up to date")
-    try:
-        with Slide(entry.path, reader=reader, mpp=entry.mpp) as slide:
-            grid = tile_slide(slide, params)
-        write_tile_file(path, grid, entry.slide_id, entry.mpp)
-        if qc:
-            save_png(qc_path(out_dir, entry.slide_id),
-                     render_qc(grid.thumbnail, grid.mask, grid.coords, grid.tile_size_level0,
-                               grid.attrs["width0"], grid.attrs["height0"]))
-    except GigasslError as err:
-        return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start, str(err))
-    except Exception as err:  # one slide must never stop the cohort; the message keeps the cause
-        return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start,
-                           f"{entry.path}: unexpected {type(err).__name__}: {err} (please report this)")
+
+    if (record := up_to_date()) is not None:
+        return record
+    with slide_lock(path + ".lock") as mine:
+        if not mine:
+            return SlideRecord(entry.slide_id, entry.path, "locked", 0, time.time() - start,
+                               f"being tiled by {lock_holder(path + '.lock')}")
+        if not overwrite and (record := up_to_date()) is not None:  # finished by another process meanwhile
+            return record
+        try:
+            with Slide(entry.path, reader=reader, mpp=entry.mpp) as slide:
+                grid = tile_slide(slide, params)
+            if qc:  # before the tile file: a run killed while drawing it redoes the slide, picture included
+                save_png(qc_path(out_dir, entry.slide_id),
+                         render_qc(grid.thumbnail, grid.mask, grid.coords, grid.tile_size_level0,
+                                   grid.attrs["width0"], grid.attrs["height0"]))
+            write_tile_file(path, grid, entry.slide_id, entry.mpp)
+        except GigasslError as err:
+            return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start, str(err))
+        except Exception as err:  # one slide must never stop the cohort; the message keeps the cause
+            return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start,
+                               f"{entry.path}: unexpected {type(err).__name__}: {err} (please report this)")
     n = len(grid.coords)
     if n == 0:
         return SlideRecord(entry.slide_id, entry.path, "empty", 0, time.time() - start,

