@@ -214,6 +214,9 @@ def pack_cmd(features_dir, out_file, pca) -> None:
               help="Adam weight decay. The reference's config says 5e-4 but never passes it to Adam, hence 0.")
 @click.option("--resnet18-weights", default=None,
               help="Start sparse-layer4 from a torchvision ResNet18 (layer4.*): a path, or 'imagenet' (downloaded).")
+@click.option("--init", "init", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Start from a trained slide model (fine-tuning): ours, an original trislaz/gigassl SimCLRMIL "
+                   "checkpoint, or a Democratizing_WSI one (format detected).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs.")
 @click.option("--sync-bn", is_flag=True, help="Batch-norm statistics over all processes (torchrun).")
 @click.option("--device", default="auto", show_default=True)
@@ -225,7 +228,7 @@ def pack_cmd(features_dir, out_file, pca) -> None:
 @click.option("--stop-at-epoch", type=click.IntRange(min=1), default=None,
               help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
 def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, base_lr, warmup_epochs, weight_decay,
-              resnet18_weights, checkpoint_every, sync_bn, device, seed, resume, force_resume, stop_at_epoch) -> None:
+              resnet18_weights, init, checkpoint_every, sync_bn, device, seed, resume, force_resume, stop_at_epoch) -> None:
     """Slide-level SimCLR on a packed STORE (from `pack`); one process per GPU under torchrun."""
     import torch.distributed as dist
 
@@ -241,7 +244,7 @@ def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, ba
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     params = TrainParams(aggregator=aggregator, epochs=epochs, batch_size=batch_size, tiles_per_view=tiles_per_view,
                          base_lr=base_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed,
-                         checkpoint_every=checkpoint_every, resnet18_weights=resnet18_weights, sync_bn=sync_bn,
+                         checkpoint_every=checkpoint_every, resnet18_weights=resnet18_weights, init=init, sync_bn=sync_bn,
                          device=device, stop_at_epoch=stop_at_epoch)
     result = train(store, out_dir, params, resume=resume, force_resume=force_resume, log=lambda m: click.echo(m, err=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -250,7 +253,9 @@ def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, ba
 
 @cli.command(name="embed")
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True), help="From `train`.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="From `train`, or a released model: an original trislaz/gigassl SimCLRMIL checkpoint or a "
+                   "Democratizing_WSI one (format detected; the run says what it loaded).")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="embeddings.h5 to write.")
 @click.option("--views", type=click.IntRange(min=1), default=100, show_default=True, help="Views per slide.")
 @click.option("--tiles-per-view", type=click.IntRange(min=1), default=5, show_default=True)
@@ -271,6 +276,28 @@ def embed_cmd(source, checkpoint, out_file, views, tiles_per_view, with_replacem
                  fmt, log=lambda m: click.echo(m, err=True))
     click.echo(f"{info['slides']} slides embedded -> {out_file}" +
                (f"; {len(info['empty'])} without tissue left out" if info["empty"] else ""))
+
+
+@cli.command(name="export")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="A sparse-layer4 slide model (from `train`, or any format `embed` reads).")
+@click.option("--format", "fmt", type=click.Choice(["gigassl"]), default="gigassl", show_default=True,
+              help="gigassl: the original trislaz/gigassl SimCLRMIL layout (SparseConvNet weights), for its code.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
+def export_cmd(checkpoint, fmt, out_file) -> None:
+    """Write a slide model in another code base's layout, so that models trained here can be used there."""
+    import torch
+
+    from .checkpoints import export_gigassl, read_slide_checkpoint
+    from .outputs import atomic_file, writable_file
+
+    writable_file(out_file)
+    ckpt = read_slide_checkpoint(checkpoint)
+    obj = export_gigassl(ckpt)
+    nbytes = sum(v.numel() * v.element_size() for v in obj["state_dict"].values())
+    with atomic_file(out_file, nbytes) as tmp:
+        torch.save(obj, tmp)
+    click.echo(f"{ckpt.describe()} -> {out_file} ({fmt} layout, {len(obj['state_dict'])} tensors)")
 
 
 @cli.command(name="probe")

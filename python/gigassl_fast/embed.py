@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .checkpoints import SlideCheckpoint, load_into, read_slide_checkpoint
 from .encoders.weights import file_checksum
 from .errors import GigasslError
 from .h5files import atomic_h5, open_h5, read_attrs, read_strings, write_attrs
@@ -87,20 +88,22 @@ def view_indices(n: int, p: EmbedParams, gen: torch.Generator) -> list[torch.Ten
     return list(torch.split(take, k))
 
 
-def load_backbone(checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    from .train import build_model, load_checkpoint
+def load_backbone(checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, SlideCheckpoint]:
+    """The aggregator of any supported slide checkpoint (ours, the original's, Democratizing_WSI's)."""
+    from .train import build_model
 
-    ckpt = load_checkpoint(checkpoint)
-    model = build_model(ckpt["params"]["aggregator"], int(ckpt["in_dim"]))
-    model.load_state_dict(ckpt["state_dict"])
+    ckpt = read_slide_checkpoint(checkpoint)
+    model = build_model(ckpt.aggregator, ckpt.in_dim)
+    load_into(model, ckpt.state, "backbone.")
     return model.backbone.to(device).eval(), ckpt
 
 
 def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5", log=print) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
     backbone, ckpt = load_backbone(checkpoint, device)
-    in_dim = int(ckpt["in_dim"])
-    sparse = ckpt["params"]["aggregator"] == "sparse-layer4"
+    log(f"loaded {ckpt.describe()}")
+    in_dim = ckpt.in_dim
+    sparse = ckpt.aggregator == "sparse-layer4"
     ids, sums, counts, empty = [], [], [], []
     pending: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # view size -> (slide, feats, locs)
     encoder = None
@@ -121,7 +124,7 @@ def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5
         encoder = encoder or attrs.get("encoder")
         if feats.shape[1] != in_dim:
             raise GigasslError(f"{sid}: {feats.shape[1]}-d features, but the checkpoint was trained on {in_dim}-d "
-                               f"(encoder {ckpt.get('store_attrs', {}).get('encoder')})")
+                               f"(encoder {ckpt.raw.get('store_attrs', {}).get('encoder', 'unknown')})")
         if not np.isfinite(feats).all():
             raise GigasslError(f"{sid}: features contain NaN or inf; re-encode this slide")
         gen = torch.Generator().manual_seed((p.seed * 1_000_003 + zlib.crc32(sid.encode())) % (2**63))
@@ -145,7 +148,8 @@ def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5
     emb = torch.stack([s / c for s, c in zip(sums, counts, strict=True)])
     emb = torch.nn.functional.normalize(emb, dim=1).numpy().astype(np.float32)
     attrs = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_checksum": file_checksum(checkpoint),
-             "aggregator": ckpt["params"]["aggregator"], "views": p.views, "tiles_per_view": p.tiles_per_view,
+             "aggregator": ckpt.aggregator, "checkpoint_format": ckpt.format, "views": p.views,
+             "tiles_per_view": p.tiles_per_view,
              "with_replacement": p.with_replacement, "seed": p.seed, "encoder": encoder, "version": __version__,
              "empty_slides": empty}
     with atomic_h5(out, emb.nbytes + sum(len(i) for i in ids) * 4) as fh:

@@ -43,6 +43,7 @@ class TrainParams:
     seed: int = 0
     checkpoint_every: int = 10
     resnet18_weights: str | None = None
+    init: str | None = None
     sync_bn: bool = False
     device: str = "auto"
     stop_at_epoch: int | None = None
@@ -57,6 +58,8 @@ class TrainParams:
             raise GigasslError(f"--batch-size must be >= 2 for a contrastive loss (got {self.batch_size})")
         if not self.base_lr > 0:
             raise GigasslError(f"--lr must be > 0 (got {self.base_lr})")
+        if self.init and self.resnet18_weights:
+            raise GigasslError("--init and --resnet18-weights both set the starting weights; give one")
         return self
 
 
@@ -78,7 +81,7 @@ def learning_rate(step: int, steps_per_epoch: int, p: TrainParams, world: int = 
 
 
 #: Settings a resumed run may change without changing what it computes.
-FREE_ON_RESUME = ("checkpoint_every", "device", "stop_at_epoch", "resnet18_weights")
+FREE_ON_RESUME = ("checkpoint_every", "device", "stop_at_epoch", "resnet18_weights", "init")
 
 
 def _atomic_save(obj: dict, path: str) -> None:
@@ -149,6 +152,18 @@ def build_model(aggregator: str, in_dim: int, resnet18_weights: str | None = Non
     return SimCLRMIL(build_aggregator(aggregator, in_dim, state))
 
 
+def init_from(model: SimCLRMIL, path: str, aggregator: str, in_dim: int) -> str:
+    """Starts `model` from a slide checkpoint in any supported layout (fine-tuning); returns what was loaded."""
+    from .checkpoints import load_into, read_slide_checkpoint
+
+    ckpt = read_slide_checkpoint(path)
+    if ckpt.aggregator != aggregator or ckpt.in_dim != in_dim:
+        raise GigasslError(f"--init {path}: a {ckpt.aggregator} model on {ckpt.in_dim}-d tiles; this run trains "
+                           f"{aggregator} on {in_dim}-d tiles (set --aggregator, or pack features of that size)")
+    load_into(model, ckpt.state, ("backbone.", "projector.") if ckpt.has_projector else "backbone.")
+    return ckpt.describe() + ("" if ckpt.has_projector else "; projector initialised afresh")
+
+
 def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Tensor],
                      view2: tuple[torch.Tensor, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Two separate forwards (batch-norm statistics per view batch), NT-Xent over the global batch,
@@ -189,7 +204,10 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     os.makedirs(out_dir, exist_ok=True)
     last = os.path.join(out_dir, "checkpoint_last.pt")
     torch.manual_seed(params.seed)  # parameter initialisation; sampling uses its own generators below
-    model = build_model(params.aggregator, store.dim, params.resnet18_weights).to(device)
+    model = build_model(params.aggregator, store.dim, params.resnet18_weights)
+    if params.init and not resume:
+        log(f"starting from {init_from(model, params.init, params.aggregator, store.dim)}")
+    model = model.to(device)
     if params.sync_bn and world > 1:
         model = convert_global_bn(model)
         for m in model.modules():

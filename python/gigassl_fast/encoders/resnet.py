@@ -3,6 +3,8 @@ average pooling, 256-d. Nothing past layer3 is built or computed."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -54,7 +56,10 @@ class ResNet18Layer3(nn.Module):
 
 
 def _remap_resnet(key: str) -> str | None:
-    """torchvision names pass; MoCo's ``module.encoder_q.`` prefix is stripped; layer4 and fc are dropped."""
+    """torchvision names pass; MoCo's ``module.encoder_q.`` prefix is stripped, its momentum encoder
+    (``encoder_k``) and queue dropped; layer4 and fc (MoCo's MLP head too) are dropped."""
+    if re.match(r"^(module\.)?(encoder_k\.|queue$|queue_ptr$)", key):
+        return None
     for prefix in ("module.encoder_q.", "encoder_q.", "module.", "backbone."):
         if key.startswith(prefix):
             key = key[len(prefix):]

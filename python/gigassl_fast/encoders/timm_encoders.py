@@ -15,7 +15,7 @@ from .weights import apply_weights, file_checksum, load_checkpoint, resolve_weig
 PREFIX = "timm:"
 
 
-def _timm():
+def timm_module():
     try:
         import timm
     except Exception as err:  # ImportError, or torchvision failing inside timm's import
@@ -25,7 +25,7 @@ def _timm():
 
 
 def _model(name: str) -> torch.nn.Module:
-    timm = _timm()
+    timm = timm_module()
     try:
         return timm.create_model(name, pretrained=False, num_classes=0)
     except Exception as err:  # timm raises RuntimeError/KeyError for unknown names
