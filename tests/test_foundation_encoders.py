@@ -22,6 +22,7 @@ CARDS = {
     "gigapath": ("vit_giant_patch14_dinov2", {"patch_size": 16, "depth": 40, "embed_dim": 1536, "mlp_ratio": 5.33334},
                  1536),
     "phikon": ("vit_base_patch16_224", {"patch_size": 16}, 768),
+    "ctranspath": ("swin_tiny_patch4_window7_224", {"img_size": 224}, 768),
 }
 SWIGLU = {"uni2-h", "virchow2"}
 
@@ -66,6 +67,18 @@ class TinyViT(nn.Module):
         return self.forward_features(x)[:, 0]
 
 
+class TinySwin(nn.Module):
+    """A Swin's patch embedding (from `embed_layer`, NHWC out) and pooled features."""
+
+    def __init__(self, embed_layer):
+        super().__init__()
+        self.patch_embed = embed_layer(img_size=224, patch_size=4, in_chans=3, embed_dim=16, norm_layer=nn.LayerNorm)
+        self.num_features = 16
+
+    def forward(self, x):
+        return self.patch_embed(x).mean(dim=(1, 2))
+
+
 @pytest.fixture
 def fake_timm(monkeypatch):
     calls = []
@@ -76,6 +89,8 @@ def fake_timm(monkeypatch):
     def create_model(name, pretrained, num_classes, **kwargs):
         assert pretrained is False and num_classes == 0
         calls.append((name, kwargs))
+        if "embed_layer" in kwargs:  # a Swin: its patch embedding is what the preset gives
+            return TinySwin(kwargs["embed_layer"])
         return TinyViT(**kwargs)
 
     fake.create_model = create_model
@@ -147,3 +162,22 @@ def test_phikon_hugging_face_layout(fake_timm, tmp_path):
     enc = create_encoder("phikon", str(tmp_path / "pytorch_model.bin"))
     x = torch.rand(1, 3, 64, 64)
     torch.testing.assert_close(enc(x), src(x))
+
+
+def test_ctranspath_conv_stem(fake_timm, tmp_path):
+    from gigassl_fast.encoders.foundation import ConvStem
+
+    enc = create_encoder("ctranspath", "random")
+    (name, kwargs), = fake_timm
+    assert name == "swin_tiny_patch4_window7_224" and kwargs["embed_layer"] is ConvStem
+    stem = enc.model.patch_embed
+    # TransPath's stem: conv3x3/2 (C/8), BN, ReLU, conv3x3/2 (C/4), BN, ReLU, conv1x1 (C); NHWC out at 1/4 size
+    assert [tuple(m.weight.shape) for m in stem.proj if isinstance(m, nn.Conv2d)] == [(2, 3, 3, 3), (4, 2, 3, 3),
+                                                                                     (16, 4, 1, 1)]
+    assert stem(torch.rand(1, 3, 64, 64)).shape == (1, 16, 16, 16)
+    # its checkpoint (timm 0.5.4) carries index and mask buffers that today's timm computes
+    state = {**{f"model.{k}": v for k, v in enc.model.state_dict().items()},
+             "model.layers.0.blocks.0.attn.relative_position_index": torch.zeros(49, 49, dtype=torch.long),
+             "model.layers.0.blocks.1.attn_mask": torch.zeros(4, 49, 49), "model.head.weight": torch.zeros(2, 16)}
+    torch.save({"model": state}, tmp_path / "ctranspath.pth")
+    create_encoder("ctranspath", str(tmp_path / "ctranspath.pth"))

@@ -36,8 +36,41 @@ class Preset:
     output: str = "class"
     licence: str = ""
     card: str = ""
-    #: file layout -> timm's (e.g. Hugging Face transformers' ViT names)
-    convert: Callable[[dict], dict] | None = None
+    #: file layout -> timm's (e.g. Hugging Face transformers' ViT names); given the state and the model
+    convert: Callable[[dict, nn.Module], dict] | None = None
+
+
+class ConvStem(nn.Module):
+    """CTransPath's patch embedding (TransPath): two 3x3 stride-2 convolutions with batch norm and ReLU,
+    then a 1x1 projection, in place of Swin's 4x4 patchify. Returns NHWC, as timm's Swin expects."""
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, embed_dim=96, norm_layer=None, **_) -> None:
+        super().__init__()
+        if patch_size not in (4, (4, 4)) or embed_dim % 8:
+            raise GigasslError(f"ConvStem needs patch size 4 and embed_dim divisible by 8 (got {patch_size}, {embed_dim})")
+        size = img_size if isinstance(img_size, tuple) else (img_size, img_size)
+        self.img_size, self.patch_size = size, (4, 4)
+        self.grid_size = (size[0] // 4, size[1] // 4)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        stem, cin, cout = [], in_chans, embed_dim // 8
+        for _ in range(2):
+            stem += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            cin, cout = cout, cout * 2
+        stem.append(nn.Conv2d(cin, embed_dim, 1))
+        self.proj = nn.Sequential(*stem)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+def _old_swin_to_timm(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """CTransPath was saved from timm 0.5.4; timm's own filter moves its Swin layout to today's (patch
+    merging at the start of the next stage, no stored index and mask buffers)."""
+    timm = timm_module()
+    filt = getattr(getattr(getattr(timm, "models", None), "swin_transformer", None), "checkpoint_filter_fn", None)
+    state = {k: v for k, v in state.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    return dict(filt(state, model)) if filt is not None else state
 
 
 def _swiglu():
@@ -45,7 +78,7 @@ def _swiglu():
     return {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
 
 
-def hf_vit_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_vit_to_timm(state: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Hugging Face ``ViTModel`` keys (e.g. owkin/phikon) -> timm ``VisionTransformer`` keys: query, key
     and value become one qkv projection; the pooler is not part of the feature extractor."""
     out: dict[str, torch.Tensor] = {}
@@ -109,6 +142,10 @@ PRESETS = {p.name: p for p in (
     Preset("phikon", "vit_base_patch16_224", {"img_size": 224, "patch_size": 16}, out_dim=768,
            licence="Owkin non-commercial (owkin/phikon)", card="Phikon: ViT-B/16 (iBOT), class token; "
            "Hugging Face checkpoint layout", convert=hf_vit_to_timm),
+    Preset("ctranspath", "swin_tiny_patch4_window7_224", {"img_size": 224, "convstem": True}, out_dim=768,
+           licence="GPL-3.0 (Xiyue-Wang/TransPath)", card="CTransPath: Swin-T with a convolutional stem, pooled "
+           "(checkpoint saved from timm 0.5.4; its layout is converted by timm's own filter)",
+           convert=_old_swin_to_timm),
 )}
 
 
@@ -133,6 +170,8 @@ def build_timm(preset: Preset) -> nn.Module:
     kwargs = dict(preset.kwargs)
     if kwargs.pop("swiglu", False):
         kwargs.update(_swiglu())
+    if kwargs.pop("convstem", False):
+        kwargs["embed_layer"] = ConvStem
     try:
         return timm.create_model(preset.timm_name, pretrained=False, num_classes=0, **kwargs)
     except Exception as err:  # an older timm lacking an argument or a model name
@@ -165,7 +204,7 @@ def _builder(preset: Preset):
             path = resolve_weights(weights)
             state = _strip_wrappers(load_checkpoint(path))
             if preset.convert is not None:
-                state = preset.convert(state)
+                state = preset.convert(state, model)
             apply_weights(model, state, path, _drop_head)
             model.weights_checksum = file_checksum(path)
         enc = FoundationEncoder(model, preset)
