@@ -39,12 +39,22 @@ def test_duplicate_ids_fail_before_any_work(tmp_path):
     ("path,mpp\nx.svs,-1\n", "mpp must be > 0"),
     ("slide_id,path,mpp\n", "has no slides"),
     ("slide_id,path\na/b,x.svs\n", "m.csv:2: slide_id 'a/b' is not a plain file name"),
+    ("slide_id,path\n.hidden,x.svs\n", "m.csv:2: slide_id '.hidden' is not a plain file name"),
+    ("slide_id,path\n" + "x" * 201 + ",x.svs\n", "at most 200 bytes"),
 ])
 def test_bad_manifests(tmp_path, content, words):
     m = tmp_path / "m.csv"
     m.write_text(content)
     with pytest.raises(GigasslError, match=words):
         collect_slides([str(m)])
+
+
+def test_hidden_files_in_folders_are_not_slides(tmp_path):
+    _touch(tmp_path / "a" / "s1.svs")
+    _touch(tmp_path / "a" / "._s1.svs")  # a macOS resource fork beside it
+    assert [e.slide_id for e in collect_slides([str(tmp_path / "a")])] == ["s1"]
+    with pytest.raises(GigasslError, match="'._s1' is not a plain file name"):
+        collect_slides([str(tmp_path / "a" / "._s1.svs")])
 
 
 def test_missing_inputs(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import SVS, cli
+from conftest import SVS, cli, require_path
 from gigassl_fast.errors import SlideError
 from gigassl_fast.slides import CorruptTilesError, Slide
 from gigassl_fast.synthetic import write_synthetic_slide
@@ -52,6 +52,7 @@ def clean_slides(tmp_path_factory, request):
     slides = {"syn": write_synthetic_slide(folder / "syn.tif", 4096, 3072, mpp=0.5, seed=21)}
     if os.path.exists(SVS):
         slides["svs"] = str(shutil.copy(SVS, folder / "svs.svs"))
+
     out = {}
     for name, path in slides.items():
         r = cli("tile", path, "--out", folder / f"tiles_{name}")
@@ -86,7 +87,7 @@ def _overlaps(xy, tile0, box) -> bool:
 @pytest.mark.parametrize("mode", ["head", "tail", "garbage"])
 def test_default_reader_fails_the_slide_naming_the_tile(clean_slides, name, mode, tmp_path):
     if name not in clean_slides:
-        pytest.skip(f"sample slide not found at {SVS}")
+        require_path(SVS, "sample slides")  # skips, or fails under GIGASSL_TEST_STRICT=1
     bad, xy, tile0, box = _damaged(clean_slides, name, mode, tmp_path)
     r = cli("encode", bad, "--out", tmp_path / "out", *ARGS)
     assert r.returncode == 1, r.stdout + r.stderr
@@ -115,6 +116,13 @@ def test_skip_drops_and_records_the_corrupt_tiles(clean_slides, name, tmp_path):
     assert not {tuple(c) for c in corrupt} & {tuple(c) for c in coords}
     summary = json.loads((tmp_path / "out" / "encode_summary.json").read_text())
     assert sorted(map(tuple, summary["slides"][0]["corrupt_tiles"])) == sorted(map(tuple, corrupt.tolist()))
+    # the file that left tiles out serves --on-corrupt-tile skip only: the default redoes the slide, and fails
+    r = cli("encode", bad, "--out", tmp_path / "out", *ARGS)
+    assert r.returncode == 1 and "corrupt tile data" in r.stdout, r.stdout + r.stderr
+    r = cli("encode", bad, "--out", tmp_path / "out", *ARGS, "--on-corrupt-tile", "skip")
+    assert r.returncode == 0 and "up to date; " in r.stdout, r.stdout + r.stderr
+    summary = json.loads((tmp_path / "out" / "encode_summary.json").read_text())
+    assert summary["slides"][0]["status"] == "skipped" and len(summary["slides"][0]["corrupt_tiles"]) == len(corrupt)
     # the clean slide encodes exactly these tiles plus the dropped ones
     r = cli("encode", clean_slides[name][0], "--out", tmp_path / "clean", *ARGS)
     assert r.returncode == 0, r.stdout + r.stderr

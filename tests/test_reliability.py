@@ -136,12 +136,15 @@ def test_stale_locks_own_pid_and_old_age():
         here = socket.gethostname()
         alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         try:
+            old = time.time() - locks.STALE_AFTER_S - 1
             for info, stale in [({"pid": os.getpid(), "time": time.time()}, True),  # left by an earlier us
                                 ({"pid": alive.pid, "time": time.time()}, False),
-                                ({"pid": alive.pid, "time": time.time() - locks.STALE_AFTER_S - 1}, True),
-                                ({"pid": 2**22 + 7, "time": time.time()}, True)]:
+                                ({"pid": alive.pid, "time": old}, False),  # alive here: however old, still held
+                                ({"pid": 2**22 + 7, "time": time.time()}, True),
+                                ({"pid": alive.pid, "time": old, "host": "elsewhere"}, True),
+                                ({"pid": alive.pid, "time": time.time(), "host": "elsewhere"}, False)]:
                 with open(path, "w") as fh:
-                    json.dump({**info, "host": here}, fh)
+                    json.dump({"host": here, **info}, fh)
                 assert locks.is_stale(path) is stale, info
                 with locks.slide_lock(path) as mine:
                     assert mine is stale
@@ -176,10 +179,44 @@ def test_log_has_no_repeated_steps_after_resume(cohort, tmp_path):
     ckpt_steps = len((run / "log.jsonl").read_text().splitlines())
     with open(run / "log.jsonl", "a") as fh:  # steps logged after the last checkpoint, by a killed run
         fh.write(json.dumps({"epoch": 1, "step": ckpt_steps + 1, "loss": 1.0}) + "\n")
+        fh.write('{"epoch": 1, "step": 9, "lo')  # and a line cut short
     r = cli("train", cohort / "store.h5", "--out", run, "--epochs", "2", "--batch-size", "2", "--resume")
     assert r.returncode == 0, r.stdout + r.stderr
     steps = [json.loads(ln)["step"] for ln in (run / "log.jsonl").read_text().splitlines() if '"step"' in ln]
     assert steps == list(range(1, 2 * ckpt_steps + 1))
+
+
+def test_resume_with_another_store_is_refused(cohort, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cohort / "run", run)
+    feats = tmp_path / "features"
+    shutil.copytree(cohort / "out" / "features", feats)
+    os.remove(feats / "s3.h5")
+    assert cli("pack", feats, "--out", tmp_path / "three.h5").returncode == 0
+    r = cli("train", tmp_path / "three.h5", "--out", run, "--epochs", "2", "--batch-size", "2", "--resume")
+    _one_line(r, "STORE", "(4 slides) -> ", "(3 slides)", "--force-resume")
+
+
+def test_storage_errors_only_are_relabelled(tmp_path):
+    from gigassl_fast.outputs import atomic_file
+
+    target = tmp_path / "x.bin"
+    with pytest.raises(KeyError), atomic_file(target) as tmp:
+        open(tmp, "wb").close()
+        raise KeyError("a bug keeps its own report")
+    assert not os.path.exists(str(target) + ".tmp") and not target.exists()
+    with pytest.raises(GigasslError, match=r"x\.bin: could not write it \(No space left on device\)"), \
+            atomic_file(target) as tmp:
+        raise OSError(28, "No space left on device", tmp)
+
+
+def test_pack_names_a_feature_file_whose_arrays_are_damaged(cohort, tmp_path):
+    feats = tmp_path / "features"
+    shutil.copytree(cohort / "out" / "features", feats)
+    with h5py.File(feats / "s1.h5", "r+") as fh:
+        del fh["aug/indices"]
+    _one_line(cli("pack", feats, "--out", tmp_path / "store.h5"), str(feats / "s1.h5"), "cannot read its arrays")
+    assert not (tmp_path / "store.h5").exists() and not (tmp_path / "store.h5.tmp").exists()
 
 
 # -- 6. full disks -----------------------------------------------------------------------------------

@@ -406,8 +406,10 @@ def main() -> None:
         # A storage failure outside the writers that handle their own (e.g. a log line on a full disk).
         from .outputs import write_cause
 
-        where = err.filename or "an output file"
-        click.echo(f"error: {where}: {write_cause(str(where), err) or err}; check free space and permissions", err=True)
+        where = err.filename or "a file"
+        cause = write_cause(str(where), err)
+        hint = "; check free space and permissions" if cause else ""
+        click.echo(f"error: {where}: {cause or err.strerror or err}{hint}", err=True)
         sys.exit(1)
     except SystemExit:
         raise

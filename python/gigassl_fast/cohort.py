@@ -28,15 +28,19 @@ def _slide_id(path: str) -> str:
     return stem if ext else name
 
 
+#: Longest slide id: outputs add up to ~15 characters (".h5.lock.tmp") to a 255-byte file-name limit.
+MAX_ID_BYTES = 200
+
+
 def check_slide_id(slide_id: str, where: str) -> str:
     """`slide_id` if it can name output files (``features/<slide_id>.h5``): a plain file name, no folder
     part, so that no output lands outside --out and every stage finds every slide."""
-    bad = ("/" in slide_id or "\\" in slide_id or slide_id in (".", "..")
-           or any(ord(c) < 32 for c in slide_id))
+    bad = ("/" in slide_id or "\\" in slide_id or slide_id.startswith(".") or any(ord(c) < 32 for c in slide_id)
+           or len(slide_id.encode()) > MAX_ID_BYTES)
     if bad:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slide_id).strip(".") or "slide"
-        raise GigasslError(f"{where}: slide_id {slide_id!r} is not a plain file name (no '/', '\\', '.' or '..'): "
-                           f"outputs are named after it; use e.g. {safe!r}")
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slide_id).strip(".")[:MAX_ID_BYTES] or "slide"
+        raise GigasslError(f"{where}: slide_id {slide_id!r} is not a plain file name (no '/' or '\\', not starting "
+                           f"with '.', at most {MAX_ID_BYTES} bytes): outputs are named after it; use e.g. {safe!r}")
     return slide_id
 
 
@@ -73,7 +77,8 @@ def _from_folder(path: str) -> list[SlideEntry]:
     found = []
     for root, _dirs, files in os.walk(path):
         for name in files:
-            if os.path.splitext(name)[1].lower() in SLIDE_EXTENSIONS:
+            # hidden files are not slides (e.g. macOS '._x.svs' resource forks)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in SLIDE_EXTENSIONS:
                 found.append(os.path.join(root, name))
     return [SlideEntry(_slide_id(p), p) for p in sorted(found)]
 
@@ -108,6 +113,8 @@ def collect_slides(inputs: Sequence[str], default_mpp: float | None = None) -> l
             entries.extend(SlideEntry(_slide_id(p), p) for p in matches)
         else:
             entries.append(SlideEntry(_slide_id(item), item))
+    for e in entries:
+        check_slide_id(e.slide_id, e.path)
     if default_mpp is not None:
         entries = [e if e.mpp is not None else SlideEntry(e.slide_id, e.path, default_mpp) for e in entries]
     return sorted(_unique(entries).values(), key=lambda e: e.slide_id)

@@ -338,14 +338,18 @@ def encode_one(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileE
     start = time.time()
     path = features_path(out_dir, entry.slide_id)
     key = reuse_key(entry, params, enc.checksum)
-    if os.path.exists(path) and not overwrite:
-        if is_complete(path, key):
-            with h5py.File(path, "r") as fh:
-                n = int(fh["coords"].shape[0])
-            return SlideRecord(entry.slide_id, entry.path, "skipped", n, time.time() - start, "up to date")
-        if is_complete(path, {}):
-            return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start,
-                               f"{path} exists with other parameters; pass --overwrite to replace it")
+    if os.path.exists(path) and not overwrite and is_complete(path, key):
+        with h5py.File(path, "r") as fh:
+            n = int(fh["coords"].shape[0])
+            dropped = fh["corrupt_coords"][:].tolist() if "corrupt_coords" in fh else []
+        # a file that left out corrupt tiles serves --on-corrupt-tile skip only; fail redoes (and fails) it
+        if not dropped or params.on_corrupt_tile == "skip":
+            note = f"up to date; {len(dropped)} tiles with corrupt image data left out" if dropped else "up to date"
+            return SlideRecord(entry.slide_id, entry.path, "skipped", n, time.time() - start, note,
+                               corrupt_tiles=dropped)
+    if os.path.exists(path) and not overwrite and not is_complete(path, key) and is_complete(path, {}):
+        return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start,
+                           f"{path} exists with other parameters; pass --overwrite to replace it")
     with slide_lock(path + ".lock") as mine:
         if not mine:
             return SlideRecord(entry.slide_id, entry.path, "locked", 0, time.time() - start,

@@ -2,8 +2,9 @@
 folder: a slide is worked on by one process at a time; a stale lock is taken over.
 
 A lock is stale when, on this host, its process is dead or is this very process (a lock left by an
-earlier process that had our id, e.g. in a restarted container), or when it is older than
-``STALE_AFTER_S`` (6 hours: no slide takes that long; on another host the owner cannot be checked)."""
+earlier process that had our id, e.g. in a restarted container); a lock of another host, whose owner
+cannot be checked, when it is older than ``STALE_AFTER_S`` (6 hours: no slide takes that long). A
+process removes a lock only while it still holds it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import os
 import socket
 import time
 
-#: A lock older than this is stale whoever holds it.
+from .outputs import write_error
+
+#: A lock of another host older than this is stale.
 STALE_AFTER_S = 6 * 3600
 
 
@@ -49,11 +52,9 @@ def is_stale(path: str) -> bool:
         pid, age = int(info.get("pid", -1)), time.time() - float(info.get("time", 0))
     except (TypeError, ValueError):
         return True
-    if age > STALE_AFTER_S:
-        return True
     if info.get("host") == socket.gethostname():
         return pid == os.getpid() or not _alive(pid)
-    return False
+    return age > STALE_AFTER_S
 
 
 def lock_holder(path: str) -> str:
@@ -61,7 +62,7 @@ def lock_holder(path: str) -> str:
     info = _read(path)
     if info is None:
         return "another process"
-    since = time.strftime("%H:%M:%S", time.localtime(float(info.get("time", 0))))
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("time", 0))))
     return f"process {info.get('pid')} on {info.get('host')} since {since}"
 
 
@@ -83,10 +84,17 @@ def slide_lock(path: str):
     else:
         yield False
         return
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, fh)
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(mine, fh)
+    except OSError as err:  # e.g. a full disk: no half-written lock may stay behind
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise write_error(path, err) or err from None
     try:
         yield True
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        if _read(path) == mine:  # taken over meanwhile (we looked dead): the lock is no longer ours
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 from .errors import GigasslError
 
-#: Below this many free bytes a failed write is taken to be a full disk, whatever the library says
-#: (torch.save reports a full disk as "unexpected pos 64 vs 0").
+#: Below this many free bytes a failed torch.save is taken to be a full disk (torch reports one as
+#: "unexpected pos 64 vs 0").
 _NEARLY_FULL = 1 << 20
 
 _CAUSES = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
@@ -30,8 +30,8 @@ def _free_bytes(path: str) -> int | None:
 
 
 def write_cause(path: str, err: BaseException) -> str | None:
-    """Why writing `path` failed, in a few words, when it is a storage problem; None otherwise (a bug,
-    to be reported as such)."""
+    """Why writing `path` failed, in a few words, when it is a storage problem (a full disk, a read-only
+    file system, a permission); None otherwise, so that other errors keep their own report."""
     text = str(err)
     code = getattr(err, "errno", None)
     if code in _CAUSES:
@@ -39,12 +39,13 @@ def write_cause(path: str, err: BaseException) -> str | None:
     for code, cause in _CAUSES.items():
         if os.strerror(code) in text or f"errno = {code}," in text:
             return cause
-    free = _free_bytes(path)
-    if free is not None and free < _NEARLY_FULL:
-        return "No space left on device"
-    if isinstance(err, OSError):
-        return err.strerror or (text.strip().splitlines() or [type(err).__name__])[0]
     return None
+
+
+def nearly_full(path: str) -> bool:
+    """Whether the disk of `path` has (almost) no room left: for writers whose errors do not say so."""
+    free = _free_bytes(path)
+    return free is not None and free < _NEARLY_FULL
 
 
 def write_error(path: str, err: BaseException) -> GigasslError | None:
@@ -118,9 +119,11 @@ def writable_dir(path: str | os.PathLike, option: str = "--out") -> str:
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".gigassl-write-test.{os.getpid()}")
-        with open(probe, "wb") as fh:
-            fh.write(b"x")
-        os.remove(probe)
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"x")
+        finally:
+            _remove(probe)
     except OSError as err:
         raise GigasslError(f"{option} {path}: cannot write there ({err.strerror or err}); "
                            f"choose another {option}") from None

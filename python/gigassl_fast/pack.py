@@ -91,13 +91,17 @@ def pack(features_dir: str, out: str, pca: str | None = None) -> dict:
         a_f = dst.create_dataset("aug/features", (s, naug, nt, d), np.float16)
         for k, f in enumerate(usable):
             with open_h5(f, "feature file", "rerun `gigassl-fast encode` for its slide") as fh:
-                c = fh["coords"][:]
+                try:
+                    c, plain = fh["coords"][:], fh["features"][:]
+                    idx, aug = fh["aug/indices"][:], fh["aug/features"][:]
+                except (OSError, KeyError) as err:  # damaged data behind a readable header
+                    raise GigasslError(f"{f}: cannot read its arrays ({str(err).split('(')[0].strip()}); rerun "
+                                       "`gigassl-fast encode` for its slide, or move the file away") from None
                 coords[offsets[k]:offsets[k + 1]] = c
-                feats[offsets[k]:offsets[k + 1]] = fit(fh["features"][:])
-                idx = fh["aug/indices"][:]
+                feats[offsets[k]:offsets[k + 1]] = fit(plain)
                 a_idx[k] = idx
                 a_xy[k] = c[idx]
-                a_f[k] = fit(fh["aug/features"][:])
+                a_f[k] = fit(aug)
         pca_attrs = {"pca_file": os.path.abspath(pca), "out_dim": d} if pca else {}
         write_attrs(dst, {**ref, **pca_attrs, "format": FORMAT, "version": __version__, "n_slides": s,
                           "n_tiles": int(offsets[-1]), "source": os.path.abspath(features_dir)})

@@ -51,7 +51,7 @@ def load_pca(path: str, in_dim: int | None = None) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as z:
             pca = {"mean": z["mean"].astype(np.float32), "components": z["components"].astype(np.float32)}
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError, EOFError) as err:
         raise GigasslError(f"--pca {path}: not a PCA file with 'mean' and 'components' ({err})") from None
     if pca["components"].ndim != 2 or pca["mean"].shape != (pca["components"].shape[1],):
         raise GigasslError(f"--pca {path}: mean {pca['mean'].shape} and components {pca['components'].shape} do not fit")

@@ -44,5 +44,5 @@ def save_png(path: str, image: np.ndarray) -> None:
     from .outputs import atomic_file
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_file(path, image.nbytes // 4) as tmp:
+    with atomic_file(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")

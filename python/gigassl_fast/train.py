@@ -12,6 +12,7 @@ Outputs in RUN: ``checkpoint_eNNNN.pt`` (every --checkpoint-every epochs), ``che
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from . import __version__
 from .distributed import convert_global_bn
 from .errors import GigasslError
-from .outputs import atomic_file, write_error
+from .outputs import atomic_file, nearly_full, write_error
 from .pack import Store
 from .ssl import AGGREGATORS, SimCLRMIL, build_aggregator, nt_xent
 from .views import view_pair
@@ -87,7 +88,12 @@ FREE_ON_RESUME = ("checkpoint_every", "device", "stop_at_epoch", "resnet18_weigh
 def _atomic_save(obj: dict, path: str) -> None:
     nbytes = sum(t.numel() * t.element_size() for t in _tensors(obj))
     with atomic_file(path, nbytes) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch reports a full disk as "unexpected pos ..."
+            if nearly_full(tmp):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp) from err
+            raise
 
 
 def _tensors(obj):
@@ -102,7 +108,7 @@ def _tensors(obj):
 
 
 def _option(name: str) -> str:
-    return "--lr" if name == "base_lr" else "--" + name.replace("_", "-")
+    return {"base_lr": "--lr", "store": "STORE"}.get(name, "--" + name.replace("_", "-"))
 
 
 def changed_settings(saved: dict, params: TrainParams) -> dict[str, list]:
@@ -119,13 +125,21 @@ def _append_log(path: str, record: dict) -> None:
         raise write_error(path, err) or err from None
 
 
+def _step_of(line: str) -> int | None:
+    """The step a log line is about (0 for events); None for a line cut short by a kill or a full disk."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
 def _truncate_log(path: str, step: int) -> None:
     """Drops the lines a killed run logged after its last checkpoint, so a resumed run logs each step once."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as fh:
         lines = fh.readlines()
-    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    keep = [ln for ln in lines if _step_of(ln) is not None and _step_of(ln) <= step]
     if len(keep) != len(lines):
         with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(keep)
@@ -225,7 +239,13 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         ckpt = load_checkpoint(last)
         if ckpt["params"]["aggregator"] != params.aggregator:
             raise GigasslError(f"{last}: trained with --aggregator {ckpt['params']['aggregator']}, not {params.aggregator}")
+        if int(ckpt.get("in_dim", store.dim)) != store.dim:
+            raise GigasslError(f"{out_dir}: the run was trained on {ckpt['in_dim']}-d features; {store_path} holds "
+                               f"{store.dim}-d ones; resume with the run's own store")
         changed = changed_settings(ckpt["params"], params)
+        if ckpt.get("store_slides", store.n_slides) != store.n_slides:
+            changed["store"] = [f"{ckpt.get('store')} ({ckpt['store_slides']} slides)",
+                                f"{os.path.abspath(store_path)} ({store.n_slides} slides)"]
         if changed and not force_resume:
             what = ", ".join(f"{_option(k)} {a} -> {b}" for k, (a, b) in changed.items())
             raise GigasslError(f"{out_dir}: --resume with settings that change the run ({what}); pass the original "
@@ -287,6 +307,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         if rank == 0:
             state = {"epoch": epoch + 1, "step": step, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
                      "rng": rng, "order_rng": order_gen.get_state(), "params": asdict(params), "in_dim": store.dim,
+                     "store": os.path.abspath(store_path), "store_slides": store.n_slides,
                      "store_attrs": store_attrs, "version": __version__}
             if (epoch + 1) % params.checkpoint_every == 0:
                 _atomic_save(state, os.path.join(out_dir, f"checkpoint_e{epoch + 1:04d}.pt"))

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -149,11 +150,20 @@ def _rgb(arr: np.ndarray, path: str) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
+#: File descriptors 1 and 2 belong to the whole process: one capture at a time.
+_CAPTURE = threading.RLock()
+
+
 @contextlib.contextmanager
 def _native_output():
     """cuCIM and libtiff (inside OpenSlide) print from C straight to file descriptors 1 and 2; this keeps
     that out of our output and yields a list that receives the text on exit. cuCIM reports a corrupt
     JPEG tile only there (and returns garbage pixels), so the text is how damage is detected."""
+    with _CAPTURE:
+        yield from _capture()
+
+
+def _capture():
     said: list[str] = []
     saved = []
     try:
