@@ -148,6 +148,9 @@ def test_stale_locks_own_pid_and_old_age():
                 assert locks.is_stale(path) is stale, info
                 with locks.slide_lock(path) as mine:
                     assert mine is stale
+            open(path, "w").close()  # created, never filled: its writer was killed in between
+            t = time.time()
+            assert locks.is_stale(path) and time.time() - t >= locks.EMPTY_GRACE_S
         finally:
             alive.kill()
             alive.wait()

@@ -3,7 +3,8 @@ folder: a slide is worked on by one process at a time; a stale lock is taken ove
 
 A lock is stale when, on this host, its process is dead or is this very process (a lock left by an
 earlier process that had our id, e.g. in a restarted container); a lock of another host, whose owner
-cannot be checked, when it is older than ``STALE_AFTER_S`` (6 hours: no slide takes that long). A
+cannot be checked, when it is older than ``STALE_AFTER_S`` (6 hours: no slide takes that long); an empty
+lock that stays empty for ``EMPTY_GRACE_S`` (its writer was killed between creating and filling it). A
 process removes a lock only while it still holds it."""
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .outputs import write_error
 
 #: A lock of another host older than this is stale.
 STALE_AFTER_S = 6 * 3600
+#: A lock still empty this long after we first saw it was left by a writer killed while creating it.
+EMPTY_GRACE_S = 2.0
 
 
 def _alive(pid: int) -> bool:
@@ -42,12 +45,13 @@ def _read(path: str) -> dict | None:
 def is_stale(path: str) -> bool:
     """Whether the lock at `path` may be taken over (see the module docstring)."""
     info = _read(path)
-    if info is None:
-        # Unreadable: a lock being written right now, or garbage; judge by age.
-        try:
-            return time.time() - os.path.getmtime(path) > 60
-        except OSError:
-            return True
+    deadline = time.time() + EMPTY_GRACE_S
+    while info is None and time.time() < deadline and os.path.exists(path):
+        # Its writer fills it right after creating it: wait a moment, in case that is happening now.
+        time.sleep(0.05)
+        info = _read(path)
+    if info is None:  # gone, or its writer died between creating and filling it (kill -9 at that instant)
+        return True
     try:
         pid, age = int(info.get("pid", -1)), time.time() - float(info.get("time", 0))
     except (TypeError, ValueError):
