@@ -40,12 +40,14 @@ def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: t
     output sites.
     """
     cout = weight.shape[0]
-    w = weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], cout)  # [tap, in, out]
+    # unbind, not w[t]: each w[t]'s backward would fill and add a gradient the size of all nine taps
+    # (9 x in x out), once per tap; unbind's backward stacks the nine tap gradients once.
+    w = weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], cout).unbind(0)  # [tap] -> (in, out)
     order = torch.argsort(tap, stable=True)
     bounds = torch.searchsorted(tap[order], torch.arange(10, device=tap.device)).tolist()
     # Concatenated, not written into slices of one buffer: autograd would copy the whole gradient
     # once per slice.
-    prod = torch.cat([gather_gemm(x, src[order[bounds[t]:bounds[t + 1]]], w[t]).to(w.dtype)
+    prod = torch.cat([gather_gemm(x, src[order[bounds[t]:bounds[t + 1]]], w[t]).to(weight.dtype)
                       for t in range(9) if bounds[t + 1] > bounds[t]])
     if scale is not None:
         prod = prod * scale[order][:, None]
