@@ -104,7 +104,8 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads (cuCIM).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="Encoder compute precision; auto is bf16 on GPUs, float32 on CPUs (features are stored as float16).")
+              help="Encoder compute precision; auto is bf16 on GPUs and on CPUs with AMX, float32 on other CPUs "
+                   "(features are stored as float16).")
 @click.option("--decode", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
               help="Where SVS/TIFF tiles are decoded. auto: on the GPU (cuCIM) when the encoder runs there and a "
                    "trial in a separate process finds it matches CPU decoding and is faster, else on the CPU; "
@@ -220,6 +221,9 @@ def pack_cmd(features_dir, out_file, pca) -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs.")
 @click.option("--sync-bn", is_flag=True, help="Batch-norm statistics over all processes (torchrun).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Forward passes in bf16 autocast or float32 (the loss is float32); auto is bf16 on CPUs with AMX, "
+                   "float32 on other CPUs and on GPUs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoint_last.pt, with the same settings.")
 @click.option("--force-resume", is_flag=True,
@@ -228,7 +232,8 @@ def pack_cmd(features_dir, out_file, pca) -> None:
 @click.option("--stop-at-epoch", type=click.IntRange(min=1), default=None,
               help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
 def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, base_lr, warmup_epochs, weight_decay,
-              resnet18_weights, init, checkpoint_every, sync_bn, device, seed, resume, force_resume, stop_at_epoch) -> None:
+              resnet18_weights, init, checkpoint_every, sync_bn, device, precision, seed, resume, force_resume,
+              stop_at_epoch) -> None:
     """Slide-level SimCLR on a packed STORE (from `pack`); one process per GPU under torchrun."""
     import torch.distributed as dist
 
@@ -245,7 +250,7 @@ def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, ba
     params = TrainParams(aggregator=aggregator, epochs=epochs, batch_size=batch_size, tiles_per_view=tiles_per_view,
                          base_lr=base_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed,
                          checkpoint_every=checkpoint_every, resnet18_weights=resnet18_weights, init=init, sync_bn=sync_bn,
-                         device=device, stop_at_epoch=stop_at_epoch)
+                         device=device, stop_at_epoch=stop_at_epoch, precision=precision)
     result = train(store, out_dir, params, resume=resume, force_resume=force_resume, log=lambda m: click.echo(m, err=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
         click.echo(f"{result['steps']} steps, last loss {result['last_loss']:.4f}; checkpoint {result['checkpoint']}")

@@ -100,9 +100,10 @@ class TileEncoder:
         self.config = get_config(params.encoder)
         self.device = params.resolved_device()
         self.model = create_encoder(params.encoder, params.weights).to(self.device)
-        # auto: bf16 on GPUs; float32 on CPUs, where bf16 convolutions are only fast with AMX.
-        self.bf16 = params.precision == "bf16" or (params.precision == "auto" and self.device.type == "cuda")
-        self.precision = "bf16" if self.bf16 else "fp32"
+        from .compute import resolve_precision
+
+        self.precision = resolve_precision(params.precision, self.device.type)
+        self.bf16 = self.precision == "bf16"
         self.checksum = getattr(self.model, "weights_checksum", "unknown")
         self.model = _fold_batch_norms(self.model).to(memory_format=torch.channels_last)
         self.mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1)

@@ -48,6 +48,7 @@ class TrainParams:
     sync_bn: bool = False
     device: str = "auto"
     stop_at_epoch: int | None = None
+    precision: str = "auto"
 
     def validate(self) -> TrainParams:
         if self.aggregator not in AGGREGATORS:
@@ -59,6 +60,8 @@ class TrainParams:
             raise GigasslError(f"--batch-size must be >= 2 for a contrastive loss (got {self.batch_size})")
         if not self.base_lr > 0:
             raise GigasslError(f"--lr must be > 0 (got {self.base_lr})")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise GigasslError(f"--precision must be auto, bf16 or fp32 (got {self.precision!r})")
         if self.init and self.resnet18_weights:
             raise GigasslError("--init and --resnet18-weights both set the starting weights; give one")
         return self
@@ -114,7 +117,10 @@ def _option(name: str) -> str:
 def changed_settings(saved: dict, params: TrainParams) -> dict[str, list]:
     """{setting: [checkpoint's value, this run's]} for the settings that change what a resumed run computes."""
     now = asdict(params)
-    return {k: [saved.get(k), v] for k, v in now.items() if k not in FREE_ON_RESUME and saved.get(k) != v}
+    # A setting added after the checkpoint was written counts as its default then.
+    defaults = asdict(TrainParams())
+    return {k: [saved.get(k, defaults[k]), v] for k, v in now.items()
+            if k not in FREE_ON_RESUME and saved.get(k, defaults[k]) != v}
 
 
 def _append_log(path: str, record: dict) -> None:
@@ -178,8 +184,17 @@ def init_from(model: SimCLRMIL, path: str, aggregator: str, in_dim: int) -> str:
     return ckpt.describe() + ("" if ckpt.has_projector else "; projector initialised afresh")
 
 
+def train_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CPUs with AMX (matrix products about 5x float32 there); float32 elsewhere,
+    GPUs included, where the step is bound by launches, not arithmetic (BENCHMARKS.md)."""
+    from .compute import resolve_precision
+
+    return "fp32" if precision == "auto" and device.type != "cpu" else resolve_precision(precision, device.type)
+
+
 def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Tensor],
-                     view2: tuple[torch.Tensor, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     view2: tuple[torch.Tensor, torch.Tensor], temperature: float,
+                     bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Two separate forwards (batch-norm statistics per view batch), NT-Xent over the global batch,
     backward, and under torch.distributed the gradient of the global loss on every rank.
 
@@ -187,8 +202,12 @@ def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Te
     rank's gradient into each rank's own rows, so each rank holds world x its share, and averaging
     over ranks gives the full gradient, as one process with the whole batch would.
     """
-    z1 = model(*view1)
-    z2 = model(*view2)
+    device_type = view1[1].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        z1 = model(*view1)
+        z2 = model(*view2)
+    # The loss in float32: at temperature 0.05 bf16 logits would lose the small similarity differences.
+    z1, z2 = z1.float(), z2.float()
     loss = nt_xent(z1, z2, temperature)
     if torch.isfinite(loss):
         loss.backward()
@@ -210,6 +229,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     params.validate()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = _device(params.device)
+    bf16 = train_precision(params.precision, device) == "bf16"
     store = Store(store_path, device)
     global_batch = params.batch_size * world
     if store.n_slides < global_batch:
@@ -264,7 +284,8 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
             _append_log(log_path, {"event": "resume", "at_step": step, "changed": changed})
             log(f"resuming at step {step} with changed settings: {changed} (config.json keeps the original)")
     elif rank == 0:
-        config = {"params": asdict(params), "store": os.path.abspath(store_path), "world_size": world,
+        config = {"params": asdict(params), "compute_precision": "bf16" if bf16 else "fp32",
+                  "store": os.path.abspath(store_path), "world_size": world,
                   "store_attrs": store_attrs, "version": __version__}
         with atomic_file(os.path.join(out_dir, "config.json")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2)
@@ -283,7 +304,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
                 g["lr"] = lr
             v1, v2 = view_pair(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device)
             opt.zero_grad(set_to_none=True)
-            loss, z1 = contrastive_step(model, v1, v2, params.temperature)
+            loss, z1 = contrastive_step(model, v1, v2, params.temperature, bf16)
             if not torch.isfinite(loss):
                 good = last if os.path.exists(last) else "none yet"
                 raise GigasslError(f"loss became {loss.item()} at step {step} (epoch {epoch}); last good checkpoint: "
