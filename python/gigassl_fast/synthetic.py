@@ -61,6 +61,15 @@ def synthetic_tissue(width: int, height: int, seed: int = 0, nuclei_density: flo
     return np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
+def aperio_description(width: int, height: int, tile: int, quality: int, mpp: float | None) -> str:
+    """The level-0 ImageDescription of an Aperio SVS, from which OpenSlide, tiffslide and cuCIM take the
+    slide's resolution (none with ``mpp=None``)."""
+    desc = f"Aperio Image Library v12.0.0 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+    if mpp is not None:
+        desc += f"|AppMag = {10.0 / mpp:g}|MPP = {mpp}"
+    return desc
+
+
 def write_pyramidal_tiff(path: str | os.PathLike, image: np.ndarray, mpp: float | None = 0.5,
                          tile: int = 256, min_level_size: int = 512, quality: int = 85) -> str:
     """Writes `image` as an Aperio-style pyramid (downsample 4 per level) of tiled JPEG pages.
@@ -73,9 +82,7 @@ def write_pyramidal_tiff(path: str | os.PathLike, image: np.ndarray, mpp: float 
 
     path = os.fspath(path)
     h, w = image.shape[:2]
-    desc = f"Aperio Image Library v12.0.0 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}"
-    if mpp is not None:
-        desc += f"|AppMag = {10.0 / mpp:g}|MPP = {mpp}"
+    desc = aperio_description(w, h, tile, quality, mpp)
     levels = [image]
     while max(levels[-1].shape[:2]) // 4 >= min_level_size:
         lh, lw = levels[-1].shape[:2]
