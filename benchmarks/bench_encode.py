@@ -1,113 +1,166 @@
-"""Tile encoding: gigassl_fast's encode against the reference procedure, same slides, same weights,
-same run (spec §3, §8.2).
+"""Tile encoding on a realistic cohort: `gigassl-fast encode` against the original's SharedAugTiler +
+NormalTiler (benchmarks/reference/encode.py), same slides, same run (spec §3, §8.2).
 
-    python benchmarks/bench_encode.py [--naug 50] [--nt 256] [--slides N] [--runs 3] [--out ...]
+    python benchmarks/bench_encode.py [--slides 4] [--tissue-tiles 3000] [--naug 50] [--nt 256]
+                                      [--ref-batches 3] [--quick] [--out ...]
 
-Reference: every draw read separately, full ResNet18 in float32 with the layer3 hook, one augmentation
-draw per batch, plus the plain pass over every tile. Ours: `gigassl_fast.encode.encode_slide` with
-resnet18-l3 (each tile decoded once, nothing past layer3, channels_last; bf16 on GPUs). Both use the same
-random layer1-3 weights. Prints slides/min and tiles/s for both and the ratio (median of --runs).
+Workload: generated 40x-like and 20x-like pyramids (benchmarks/workloads.py), alternating, each with
+about `--tissue-tiles` tiles of 224 px at 1 µm/px, kept between runs in --workdir.
+
+Ours: `run_encode` as the CLI runs it (tiling, decoding, the Naug x Nt augmented batches and the plain
+pass, resnet18-l3, HDF5 writes), end to end, reported as slides per hour. In the same run: our encoder
+alone on tiles already in memory (its ceiling), and the decode, augment and encoder rates inside the run.
+
+Reference: per slide, the original's mask and check_patch grid (run by both of its tilers, so counted
+twice), then its DataLoader of 5 workers reading every draw with OpenSlide at level 1, kornia
+augmentations and a full float32 NCHW ResNet18. The reference takes about 15 minutes per slide at
+50 x 256 on 2 cores, so it runs `--ref-batches` batches of each pass and its time per slide is
+extrapolated: the first batch (worker start-up included) plus the median of the others for every
+batch left. Both sides use the same random ResNet18 weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import shutil
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import machine, time_runs, write_json  # noqa: E402
-from benchmarks.reference.encode import FullResNet18, reference_encode  # noqa: E402
-from gigassl_fast.encode import EncodeParams, TileEncoder, encode_slide  # noqa: E402
-from gigassl_fast.slides import Slide  # noqa: E402
-from gigassl_fast.synthetic import write_synthetic_slide  # noqa: E402
-from gigassl_fast.tiling import TileParams, tile_slide  # noqa: E402
+from benchmarks.reference.encode import FullResNet18, extrapolated_seconds, original_encode  # noqa: E402
+from benchmarks.reference.tiling import reference_check_patch_grid, reference_otsu_gray_mask  # noqa: E402
+from benchmarks.workloads import realistic_cohort  # noqa: E402
+from gigassl_fast.cohort import collect_slides  # noqa: E402
+from gigassl_fast.encode import EncodeParams, TileEncoder, run_encode  # noqa: E402
+from gigassl_fast.tiling import TileParams, read_tile_file, tile_path  # noqa: E402
+
+QUICK = {"slides": 2, "tissue_tiles": 60, "naug": 2, "nt": 16, "ref_batches": 2}
+
+
+def reference_tiling(path: str) -> float:
+    """Seconds of the original's make_auto_mask + patch_sampling on this slide (OpenSlide reads)."""
+    import openslide
+
+    t = time.perf_counter()
+    with openslide.OpenSlide(path) as s:
+        ml = s.level_count - 1
+
+        def read() -> np.ndarray:
+            return np.array(s.read_region((0, 0), ml, s.level_dimensions[ml]))[:, :, :3]
+
+        mask, _ = reference_otsu_gray_mask(read())
+        reference_check_patch_grid(mask, read, s.level_dimensions, s.level_downsamples, ml, 1, 224, 0.1)
+    return time.perf_counter() - t
+
+
+def encoder_ceiling(enc: TileEncoder, batch_size: int, batches: int = 6) -> float:
+    """Tiles/s of our encoder alone on float tiles already in memory at its input size."""
+    x = torch.rand(batch_size, 3, enc.config.input_size, enc.config.input_size, device=enc.device)
+    t = time_runs(lambda: enc(x), runs=batches, warmup=1)
+    return batch_size / t["median_s"]
+
+
+def run(args: argparse.Namespace) -> dict:
+    if getattr(args, "quick", False):
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    workdir = getattr(args, "workdir", None) or "/tmp/gigassl_bench_workloads"
+    paths = realistic_cohort(workdir, n_slides=args.slides, tissue_tiles=args.tissue_tiles)
+    tmp = tempfile.mkdtemp(prefix="bench_encode_")
+    weights = os.path.join(tmp, "w.pth")
+    torch.manual_seed(0)
+    ref_model = FullResNet18()
+    torch.save(ref_model.state_dict(), weights)
+    params = EncodeParams(encoder="resnet18-l3", weights=weights, naug=args.naug, nt=args.nt,
+                          device=getattr(args, "device", "auto"), tiles=TileParams(mpp=1.0)).validate()
+    entries = collect_slides(paths)
+
+    # ours, end to end as the CLI runs it (a fresh output folder per run: nothing reused)
+    summaries = []
+
+    def ours():
+        out = os.path.join(tmp, f"ours{len(summaries)}")
+        summaries.append(run_encode(entries, params, out, overwrite=True))
+
+    t_ours = time_runs(ours, runs=args.runs, warmup=0)
+    last = summaries[-1]
+    failed = [r.slide_id for r in last.records if r.status != "done"]
+    if failed:
+        sys.exit(f"encode failed on {failed}: see {last.config['out']}")
+    out_dir = last.config["out"]
+    n_tiles = {e.slide_id: len(read_tile_file(tile_path(out_dir, e.slide_id)).coords) for e in entries}
+    seconds = last.config["throughput"]["seconds"]
+    enc = TileEncoder(params)
+    ceiling = encoder_ceiling(enc, params.batch_size)
+    total_tiles = sum(n_tiles.values())
+    work_tiles = total_tiles + args.naug * args.nt * len(entries)
+
+    # the reference, slide by slide
+    ref_rows = []
+    for e in entries:
+        grid = read_tile_file(tile_path(out_dir, e.slide_id)).coords
+        t_tile = reference_tiling(e.path)
+        out = original_encode(e.path, grid, 1, ref_model, os.path.join(tmp, "ref"), args.naug, args.nt,
+                              enc.device, workers=args.ref_workers, aug_batches=args.ref_batches,
+                              plain_batches=args.ref_batches)
+        aug_s = extrapolated_seconds(out["aug_batch_s"], out["aug_batches_total"])
+        plain_s = extrapolated_seconds(out["plain_batch_s"], out["plain_batches_total"])
+        ref_rows.append({"slide": e.slide_id, "tissue_tiles": n_tiles[e.slide_id], "tiling_s": t_tile,
+                         "aug_s": aug_s, "plain_s": plain_s, "total_s": 2 * t_tile + aug_s + plain_s,
+                         "aug_batch_s": out["aug_batch_s"], "plain_batch_s": out["plain_batch_s"]})
+        print(f"reference {e.slide_id}: {n_tiles[e.slide_id]} tiles, tiling {t_tile:.1f} s x 2, augmented pass "
+              f"{aug_s:.0f} s, plain pass {plain_s:.0f} s (from {len(out['aug_batch_s'])} + {len(out['plain_batch_s'])}"
+              " batches)")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ref_s = sum(r["total_s"] for r in ref_rows)
+    ours_s = t_ours["median_s"]
+    n = len(entries)
+    rates = {"slides_per_hour": 3600 * n / ours_s, "tiles_per_s": work_tiles / ours_s,
+             "encoder_ceiling_tiles_per_s": ceiling,
+             "fraction_of_encoder_ceiling": work_tiles / ours_s / ceiling,
+             "decode_tiles_per_s": total_tiles / seconds["read"] if seconds["read"] else None,
+             "augment_tiles_per_s": args.naug * args.nt * n / seconds["augment"] if seconds["augment"] else None,
+             "encoder_in_run_tiles_per_s": work_tiles / seconds["encode"] if seconds["encode"] else None,
+             "reference_slides_per_hour": 3600 * n / ref_s, "reference_tiles_per_s": work_tiles / ref_s}
+    speedup = ref_s / ours_s
+    print(f"ours       {ours_s:8.1f} s  {rates['slides_per_hour']:7.1f} slides/h  {rates['tiles_per_s']:7.1f} tiles/s "
+          f"({100 * rates['fraction_of_encoder_ceiling']:.0f}% of the encoder alone, {ceiling:.0f} tiles/s)")
+    print(f"reference  {ref_s:8.1f} s  {rates['reference_slides_per_hour']:7.1f} slides/h (extrapolated)")
+    print(f"speedup {speedup:.2f}x  ({n} slides, {total_tiles} tissue tiles, Naug {args.naug} x Nt {args.nt}, device "
+          f"{enc.device}, precision {enc.precision})")
+    print("ours by stage: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()
+                                        if v and k.endswith("tiles_per_s") and not k.startswith("reference")))
+    stage = {"ours_s": ours_s, "reference_s": ref_s, "speedup": speedup, "unit_rate": rates}
+    return {"stage": stage, "work_tiles": work_tiles, "tissue_tiles": n_tiles, "seconds_in_run": seconds,
+            "precision": enc.precision, "reference": ref_rows,
+            "results": [{"name": "ours", **t_ours, "tiles_per_s": work_tiles / ours_s},
+                        {"name": "reference", "median_s": ref_s, "extrapolated": True,
+                         "tiles_per_s": work_tiles / ref_s}]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slides", type=int, default=4)
+    ap.add_argument("--tissue-tiles", type=int, default=3000, help="tissue tiles per slide at 1 µm/px")
     ap.add_argument("--naug", type=int, default=50)
     ap.add_argument("--nt", type=int, default=256)
-    ap.add_argument("--slides", type=int, default=1)
-    ap.add_argument("--size", type=int, default=6144, help="side of the synthetic slides in pixels (0.5 µm/px)")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=1, help="end-to-end runs of ours (median)")
+    ap.add_argument("--ref-batches", type=int, default=3, help="batches of each reference pass that run per slide")
+    ap.add_argument("--ref-workers", type=int, default=5, help="the original's DataLoader workers")
+    ap.add_argument("--quick", action="store_true", help="a small cohort and 2 x 16 (CI)")
+    ap.add_argument("--workdir", default="/tmp/gigassl_bench_workloads", help="where the generated slides are kept")
     ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda: both sides run there")
     ap.add_argument("--out", default="bench_out/bench_encode.json")
     args = ap.parse_args()
     out = run(args)
     write_json(args.out, {"benchmark": "encode", "machine": machine(), "config": vars(args), **out})
-
-
-def run(args: argparse.Namespace) -> dict:
-    tmp = tempfile.mkdtemp(prefix="bench_encode_")
-    paths = [write_synthetic_slide(os.path.join(tmp, f"s{i}.tif"), args.size, args.size, mpp=0.5,
-                                   seed=i) for i in range(args.slides)]
-    weights = os.path.join(tmp, "w.pth")
-    ref_model = FullResNet18()
-    torch.save(ref_model.state_dict(), weights)
-    params = EncodeParams(encoder="resnet18-l3", weights=weights, naug=args.naug, nt=args.nt, batch_size=64,
-                          device=args.device, tiles=TileParams(mpp=1.0)).validate()
-    enc = TileEncoder(params)
-    ref_model = ref_model.to(enc.device)
-    grids = []
-    for p in paths:
-        with Slide(p) as s:
-            grids.append(tile_slide(s, params.tiles))
-    n_tiles = sum(len(g.coords) for g in grids)
-    work_tiles = n_tiles + args.naug * args.nt * len(paths)
-
-    stage_seconds = []  # per run: seconds spent decoding, augmenting and encoding
-
-    def ours():
-        timings = {"read": 0.0, "augment": 0.0, "encode": 0.0}
-        for p, g in zip(paths, grids, strict=True):
-            with Slide(p) as s:
-                encode_slide(s, g.attrs, g.coords, params, enc, os.path.basename(p), timings)
-        stage_seconds.append(timings)
-
-    def reference():
-        for p, g in zip(paths, grids, strict=True):
-            with Slide(p, reader="openslide") as s:
-                reference_encode(s, g.coords, int(g.attrs["read_level"]), int(g.attrs["read_tile_size"]), 224,
-                                 ref_model, args.naug, args.nt, 0, enc.config.mean, enc.config.std, enc.device)
-
-    # One warm-up call each: the first pays one-time costs (oneDNN primitives; on a GPU the decoding
-    # trial, cuDNN's algorithm search and kernel loading). Runs of 50 x 256 are long enough to skip it.
-    warm = 0 if args.naug * args.nt > 4096 and enc.device.type == "cpu" else 1
-    t_ours = time_runs(ours, runs=args.runs, warmup=warm)
-    t_ref = time_runs(reference, runs=args.runs, warmup=warm)
-    rows = []
-    for name, t in (("ours", t_ours), ("reference", t_ref)):
-        rows.append({"name": name, **t, "tiles_per_s": work_tiles / t["median_s"],
-                     "slides_per_min": 60 * len(paths) / t["median_s"]})
-        print(f"{name:<10} {t['median_s']:8.2f} s  {work_tiles / t['median_s']:8.1f} tiles/s  "
-              f"{60 * len(paths) / t['median_s']:6.2f} slides/min")
-    speedup = t_ref["median_s"] / t_ours["median_s"]
-    print(f"speedup {speedup:.2f}x  ({len(paths)} slides, {n_tiles} tissue tiles, Naug {args.naug} x Nt {args.nt}, "
-          f"device {enc.device}, precision {enc.precision}, decoding {enc.decode_note})")
-    # Per-stage rates of our path (median over the timed runs): tiles decoded (each tissue tile once),
-    # augmented tiles prepared, tiles through the encoder (plain and augmented).
-    timed = stage_seconds[-args.runs:]
-    aug_tiles = args.naug * args.nt * len(paths)
-
-    def med(key):
-        return statistics.median(t[key] for t in timed)
-
-    stage_rates = {"decode_tiles_per_s": n_tiles / med("read") if med("read") else None,
-                   "augment_tiles_per_s": aug_tiles / med("augment") if med("augment") else None,
-                   "encoder_tiles_per_s": work_tiles / med("encode") if med("encode") else None}
-    print("ours by stage: " + ", ".join(f"{k} {v:,.0f}" for k, v in stage_rates.items() if v))
-    stage = {"ours_s": t_ours["median_s"], "reference_s": t_ref["median_s"], "speedup": speedup,
-             "unit_rate": {"tiles_per_s": work_tiles / t_ours["median_s"],
-                           "slides_per_min": 60 * len(paths) / t_ours["median_s"],
-                           "reference_tiles_per_s": work_tiles / t_ref["median_s"],
-                           **{k: v for k, v in stage_rates.items() if v}}}
-    return {"stage": stage, "work_tiles": work_tiles, "results": rows}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()}
+    from gigassl_fast.compute import cpu_has_amx_bf16
+
+    info = {"cpu": cpu, "cores": os.cpu_count(), "amx_bf16": cpu_has_amx_bf16(), "python": platform.python_version(),
+            "os": platform.platform()}
     try:
         import torch
 
@@ -29,6 +32,30 @@ def machine() -> dict:
     except ImportError:
         info["gpu"] = None
     return info
+
+
+def matmul_rates(device) -> dict:
+    """This machine's matrix-product rates in GFLOP/s, measured now: float32 and bf16 square products
+    (the peak a benchmark's products are held against) and float32 at the sparse layer's shape
+    (4096 x 512 @ 512 x 512). Square products are 2048^3, or 512^3 where one of those would take over a
+    second (bf16 on CPUs without bf16 instructions runs at well under 1 GFLOP/s)."""
+    import torch
+
+    def rate(m: int, k: int, n: int, dtype) -> tuple[float, float]:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        t = time_runs(lambda: a @ b, runs=5, warmup=1)["median_s"]
+        return 2 * m * k * n / t / 1e9, t
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        small, t = rate(512, 512, 512, dtype)
+        if t * 64 < 1.0:
+            out[f"{name}_2048"] = rate(2048, 2048, 2048, dtype)[0]
+        else:
+            out[f"{name}_512"] = small
+    out["fp32_4096x512x512"] = rate(4096, 512, 512, torch.float32)[0]
+    return out
 
 
 def bench_device(name: str = "auto"):

@@ -2,17 +2,19 @@
 well-formed report (no speed is asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
-from gigassl_fast.encoders import get_config
 
-
-def test_reference_encode_computes_our_features(synthetic_slide, tmp_path):
-    from benchmarks.reference.encode import FullResNet18, reference_encode
+def test_original_encode_plain_pass_matches_our_features(synthetic_slide, tmp_path):
+    """The reference's plain pass (OpenSlide reads, unfolded NCHW float32 ResNet18) and ours (our decoder,
+    folded batch norms, channels_last) encode the same tiles to the same features."""
+    from benchmarks.reference.encode import FullResNet18, original_encode
 
     from gigassl_fast.encode import EncodeParams, TileEncoder, encode_slide
     from gigassl_fast.slides import Slide
@@ -28,30 +30,131 @@ def test_reference_encode_computes_our_features(synthetic_slide, tmp_path):
         grid = tile_slide(s, params.tiles)
         coords = grid.coords[:6]
         ours = encode_slide(s, grid.attrs, coords, params, enc, "x", {"read": 0, "augment": 0, "encode": 0})
-    with Slide(synthetic_slide, reader="openslide") as s:
-        cfg = get_config("resnet18-l3")
-        plain, _ = reference_encode(s, coords, int(grid.attrs["read_level"]), int(grid.attrs["read_tile_size"]), 224,
-                                    ref_model, 1, 4, 0, cfg.mean, cfg.std)
+    assert int(grid.attrs["read_tile_size"]) == 224  # the reference reads 224 px at the level, no resize
+    out = original_encode(str(synthetic_slide), coords, int(grid.attrs["read_level"]), ref_model, str(tmp_path / "o"),
+                          naug=2, nt=4, workers=0)
+    assert len(coords) >= 2 and len(out["aug_batch_s"]) == 2 and len(out["plain_batch_s"]) == -(-len(coords) // 4)
+    stem = os.path.splitext(os.path.basename(str(synthetic_slide)))[0]
+    plain = np.load(tmp_path / "o" / "normal" / "tiles" / f"{stem}_embeddings.npy")
+    assert plain.dtype == np.float64 and plain.shape == (len(coords), 256)
     rel = np.linalg.norm(ours["features"].astype(np.float32) - plain) / np.linalg.norm(plain)
     assert rel < 5e-3  # float16 storage and two JPEG decoders
+    for a in range(2):
+        aug = np.load(tmp_path / "o" / "aug" / "tiles" / stem / f"{a}.npy")
+        xy = np.load(tmp_path / "o" / "aug" / "coordinates" / stem / f"{a}.npy")
+        assert aug.shape == (4, 256) and xy.shape == (4, 2)
+        # every drawn location is a tissue tile of the grid
+        assert all(any((c == r).all() for c in coords) for r in xy)
 
 
-def test_reference_training_forward_equals_ours():
-    from benchmarks.reference.train import reference_forward
+def test_kornia_augmentations_share_one_draw_per_batch():
+    """same_on_batch: identical tiles stay identical through the chain, and the chain changes them."""
+    from benchmarks.reference.encode import kornia_augmentations
 
-    from gigassl_fast.ssl import nt_xent
-    from gigassl_fast.train import build_model
+    torch.manual_seed(3)
+    tile = torch.rand(1, 3, 256, 256)
+    x = tile.repeat(4, 1, 1, 1)
+    for op in kornia_augmentations():
+        x = op(x)
+    assert x.shape == (4, 3, 224, 224)
+    assert torch.equal(x[0], x[3]) and torch.equal(x[1], x[2])
+    assert not torch.allclose(x[0], torch.nn.functional.interpolate(tile, size=224)[0], atol=1e-2)
 
+
+def _fixture_state(fx):
+    return {k[2:]: torch.from_numpy(fx[k].astype(np.float32)) for k in fx.files if k.startswith("w/")}
+
+
+def _rel(a, ref):
+    return np.abs(np.asarray(a) - ref).max() / np.abs(ref).max()
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_original_sparse_layer4_reproduces_sparseconvnet(fixtures, case):
+    """The training reference's SCN stand-in against SparseConvNet's own outputs: train and eval mode,
+    the running statistics after a train step, and the batch-of-one forwards the inference reference runs."""
+    from benchmarks.reference.train import OriginalSparseConvMIL
+
+    p = f"c{case}/"
+    feats, locs = torch.from_numpy(fixtures[p + "tile_feats"]), torch.from_numpy(fixtures[p + "locs_input"])
+    model = OriginalSparseConvMIL().load_dense_layer4(_fixture_state(fixtures)).eval()
+    with torch.no_grad():
+        assert _rel(model(feats, locs).numpy(), fixtures[p + "out_eval"]) < 1e-5
+        one = np.vstack([model(feats[v:v + 1], locs[v:v + 1]).numpy() for v in range(len(feats))])
+        assert _rel(one, fixtures[p + "out_eval_batch1"]) < 1e-5
+    model.train()
+    assert _rel(model(feats, locs).detach().numpy(), fixtures[p + "out_train"]) < 1e-4
+    norms = [model.block0.norm1, model.block0.norm2, model.block0.normd, model.block1.norm1, model.block1.norm2]
+    running = np.stack([np.stack([n.running_mean.numpy(), n.running_var.numpy()]) for n in norms])
+    assert _rel(running, fixtures[p + "bn_running_after_train"]) < 1e-5
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_original_location_augmentation_reproduces_fixture(fixtures, case):
+    from benchmarks.reference.train import apply_location_augmentation, location_matrix
+
+    p = f"c{case}/"
+    for v, params in enumerate(fixtures[p + "aug_params"]):
+        m = location_matrix(*params)
+        np.testing.assert_allclose(m.numpy(), fixtures[p + "aug_matrix"][v], rtol=1e-6)
+        out = apply_location_augmentation(torch.from_numpy(fixtures[p + "locs_level0"][v]), m,
+                                          torch.from_numpy(fixtures[p + "aug_translation"][v]))
+        np.testing.assert_array_equal(out.numpy(), fixtures[p + "locs_input"][v])
+
+
+def test_original_nt_xent_is_the_simclr_loss():
+    """Against a float64 numpy statement: l_i = -log(exp(s_ip/T) / sum_{j != i} exp(s_ij/T)), mean over 2N."""
+    from benchmarks.reference.train import original_nt_xent
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
+    u = np.concatenate([z1.numpy(), z2.numpy()]).astype(np.float64)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    s = u @ u.T / 0.05
+    n = len(z1)
+    losses = []
+    for i in range(2 * n):
+        partner = (i + n) % (2 * n)
+        others = np.delete(s[i], i)
+        losses.append(-(s[i, partner] - np.log(np.exp(others).sum())))
+    assert abs(original_nt_xent(z1, z2, 0.05).item() - np.mean(losses)) < 1e-4
+
+
+def test_original_views_read_one_augmentation_file(tmp_path):
+    """Each view's five feature rows come from one augmentation file of its slide (the original's
+    per-sample loads), with int64 locations; the loader yields (B, 5, D) batches of two views."""
+    from benchmarks.reference.train import OriginalViews, original_loader, write_reference_dataset
+
+    rng = np.random.default_rng(0)
+    feats = rng.random((3, 4, 32, 8)).astype(np.float32)
+    coords = rng.integers(0, 50, (3, 4, 32, 2)) * 896
+    write_reference_dataset(str(tmp_path), feats, coords)
+    ds = OriginalViews(str(tmp_path), naug=4)
     torch.manual_seed(0)
-    model = build_model("sparse-layer4", 256).train()
-    g = torch.Generator().manual_seed(1)
-    f = torch.rand(6, 5, 256, generator=g)
-    loc = torch.randint(0, 40, (6, 5, 2), generator=g) * 896
-    f2 = torch.rand(6, 5, 256, generator=g)
-    loc2 = torch.randint(0, 40, (6, 5, 2), generator=g) * 896
-    ours = nt_xent(model(f, loc), model(f2, loc2), 0.05)
-    ref = nt_xent(reference_forward(model, f.numpy(), loc.numpy()), reference_forward(model, f2.numpy(), loc2.numpy()), 0.05)
-    assert abs(ours.item() - ref.item()) < 1e-4 * abs(ref.item())
+    for idx in range(3):
+        (v1, v2), name = ds[idx]
+        assert name == f"wsi{idx}"
+        for emb, loc in (v1, v2):
+            assert emb.shape == (5, 8) and loc.dtype == torch.int64
+            rows = emb.numpy()
+            assert any(all((feats[idx, a] == r).all(1).any() for r in rows) for a in range(4))
+    (b1, _), _ = next(iter(original_loader(str(tmp_path), 4, batch_size=2, workers=0)))
+    assert b1[0].shape == (2, 5, 8) and b1[1].shape == (2, 5, 2)
+
+
+def test_original_embed_averages_one_view_forwards(fixtures, tmp_path):
+    from benchmarks.reference.embed import original_embed, write_normal_dataset
+    from benchmarks.reference.train import OriginalSparseConvMIL
+
+    model = OriginalSparseConvMIL().load_dense_layer4(_fixture_state(fixtures))
+    f = fixtures["c0/tile_feats"][:2, :1, :]  # one tile per slide: every view is that tile, five times
+    xy = fixtures["c0/locs_input"][:2, :1, :]
+    write_normal_dataset(str(tmp_path), ["a", "b"], list(f), list(xy))
+    out = original_embed(model, str(tmp_path), ["a", "b"], views=3)
+    with torch.no_grad():
+        single = [model(torch.from_numpy(f[i]).repeat(5, 1)[None], torch.from_numpy(xy[i]).repeat(5, 1)[None])[0]
+                  for i in range(2)]
+    np.testing.assert_allclose(out, torch.stack(single).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_bench_quick_report(tmp_path):

@@ -17,14 +17,17 @@ from .errors import GigasslError
 
 STAGES = ("tile", "encode", "train", "embed")
 
-#: Settings per stage: (quick, full). Quick finishes the whole suite in a few minutes on 2 cores.
+#: Settings per stage: (quick, full). Quick finishes the whole suite in a few minutes on 2 cores; full is
+#: the work users have (a 4-slide cohort of 3,000-tile slides at 50 x 256, batches of 64 and 256) and
+#: takes about an hour on 2 cores.
 SETTINGS = {
     "tile": ({"sizes": [1024, 2048], "runs": 3}, {"sizes": [2048, 4096, 8192], "runs": 7}),
-    "encode": ({"naug": 2, "nt": 16, "slides": 1, "size": 2048, "runs": 1},
-               {"naug": 8, "nt": 64, "slides": 1, "size": 6144, "runs": 3}),
-    "train": ({"slides": 64, "naug": 2, "nt": 16, "batch_size": 32, "runs": 3},
-              {"slides": 1000, "naug": 5, "nt": 64, "batch_size": 256, "runs": 5}),
-    "embed": ({"slides": 8, "views": 20, "runs": 2}, {"slides": 50, "views": 100, "runs": 3}),
+    "encode": ({"quick": True, "slides": 2, "tissue_tiles": 60, "naug": 2, "nt": 16, "runs": 1, "ref_batches": 2,
+                "ref_workers": 2},
+               {"slides": 4, "tissue_tiles": 3000, "naug": 50, "nt": 256, "runs": 1, "ref_batches": 3, "ref_workers": 5}),
+    "train": ({"slides": 64, "naug": 2, "nt": 16, "batch_sizes": [32], "runs": 3, "workers": 0},
+              {"slides": 1000, "naug": 10, "nt": 256, "batch_sizes": [64, 256], "runs": 5}),
+    "embed": ({"slides": 8, "tiles": 200, "views": 20, "runs": 2}, {"slides": 50, "tiles": 3000, "views": 100, "runs": 3}),
 }
 
 
