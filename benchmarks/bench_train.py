@@ -10,9 +10,10 @@ pooling, the original NT-Xent with its broadcast (2N, 2N, D) similarities, Adam.
 in memory, batched view sampling, tensor rulebooks, gather-GEMMs, the same model and loss maths.
 
 Reports views/s (two views per slide) both sides per batch size (median of --runs steps after warm-up),
-the reference's phases, and the arithmetic: the step's matrix-product GFLOP (sparse layer4 and
-projector, forward and backward) over its time, against this machine's float32 and bf16 matmul rates
-measured in the same run.
+the reference's data wait, and the arithmetic: the step's matrix-product GFLOP (sparse layer4 and
+projector, forward and backward, counted from the rulebooks of the sampled views) over its time, against
+this machine's float32 and bf16 matmul rates measured in the same run. The reference's GFLOP/s uses
+the same count, though SparseConvNet also computes the first layer's input gradient.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def reference_store(root: str, feats: np.ndarray, coords: np.ndarray) -> str:
     return path
 
 
-def layer_gflop(locations: torch.Tensor) -> float:
-    """Matrix-product GFLOP of one forward of sparse layer4 + projector on these views (2 per MAC)."""
+def layer_gflop(locations: torch.Tensor) -> tuple[float, float]:
+    """Matrix-product GFLOP (2 per MAC) of one forward of sparse layer4 + projector on these views, and
+    the part of it in the layers that take the tile features (the stride-2 conv and the shortcut's 1x1),
+    whose backward needs no input gradient."""
     locs = locations.cpu().numpy()
     q = locs.astype(np.float32) / np.float32(224)
     cells = np.trunc(q - q.min(axis=1, keepdims=True)).astype(np.int64).reshape(-1, 2)
@@ -75,9 +78,15 @@ def layer_gflop(locations: torch.Tensor) -> float:
     sites0, _ = input_layer(cells, batch)
     sites1, strided = strided_rules(sites0, size)
     sub = submanifold_rules(sites1)
-    macs = len(strided) * 256 * 512 + len(sites1) * 256 * 512 + 3 * len(sub) * 512 * 512
-    macs += locs.shape[0] * (2 * 512 * 512 + 512 * 256)
-    return 2 * macs / 1e9
+    first = len(strided) * 256 * 512 + len(sites1) * 256 * 512
+    macs = first + 3 * len(sub) * 512 * 512 + locs.shape[0] * (2 * 512 * 512 + 512 * 256)
+    return 2 * macs / 1e9, 2 * first / 1e9
+
+
+def step_gflop(locations: torch.Tensor) -> float:
+    """Forward, then backward's weight gradients and input gradients (none for the first layers)."""
+    fwd, first = layer_gflop(locations)
+    return 3 * fwd - first
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -96,12 +105,11 @@ def run(args: argparse.Namespace) -> dict:
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(0)
         bf16 = train_precision(getattr(args, "precision", "auto"), dev) == "bf16"
-        # Forward and backward (grad of inputs and of weights): three times the forward's products.
         count_gen = torch.Generator().manual_seed(1)
         flops = []
         for _ in range(3):
             v1, v2 = view_pair(store_f, store_xy, torch.randint(0, s, (b,), generator=count_gen), 5, count_gen, dev)
-            flops.append(3 * (layer_gflop(v1[1]) + layer_gflop(v2[1])))
+            flops.append(step_gflop(v1[1]) + step_gflop(v2[1]))
 
         def ours(b=b, gen=gen, opt=opt, model=model, bf16=bf16):
             batch = torch.randint(0, s, (b,), generator=gen)
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
             opt.step()
 
         t_ours = time_runs(ours, runs=args.runs, warmup=1)
-        step_gflop = statistics.median(flops)
+        gflop = statistics.median(flops)
 
         # The sparse layer alone (forward and backward of the backbone, no data, no loss).
         batch = torch.randint(0, s, (b,), generator=gen)
@@ -122,14 +130,14 @@ def run(args: argparse.Namespace) -> dict:
                 out = model.backbone(*v1)
             out.float().sum().backward()
 
-        backbone_gflop = 3 * (layer_gflop(v1[1]) - b * 2 * (2 * 512 * 512 + 512 * 256) / 1e9)
+        backbone_gflop = step_gflop(v1[1]) - 3 * b * 2 * (2 * 512 * 512 + 512 * 256) / 1e9
         t_layer = time_runs(layer, runs=args.runs, warmup=1)
 
         ref = OriginalSimCLRMIL().to(dev).train()
         ref_opt = torch.optim.Adam(ref.parameters(), lr=0.03)
         loader = original_loader(root, naug, b, workers)
         it = iter(loader)
-        phases = {"data_s": [], "step_s": []}
+        phases = {"data_s": [], "step_s": [], "forward_s": [], "backward_s": [], "optimizer_s": []}
         steps_per_epoch = len(loader)
         for i in range(args.runs + 2):  # two warm-up steps: worker start-up, first allocations
             t = time.perf_counter()
@@ -139,23 +147,25 @@ def run(args: argparse.Namespace) -> dict:
                 it = iter(loader)
                 batch_data = next(it)
             t_data = time.perf_counter() - t
-            original_step(ref, ref_opt, batch_data, i, steps_per_epoch, dev)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            _, parts = original_step(ref, ref_opt, batch_data, i, steps_per_epoch, dev)
             if i >= 2:
                 phases["data_s"].append(t_data)
                 phases["step_s"].append(time.perf_counter() - t)
+                for k, v in parts.items():
+                    phases[k].append(v)
         del it, loader
         t_ref = statistics.median(phases["step_s"])
         views = 2 * b
         entry = {
             "batch_size": b,
-            "ours": {**t_ours, "views_per_s": views / t_ours["median_s"], "step_gflop": step_gflop,
-                     "gflop_per_s": step_gflop / t_ours["median_s"], "precision": "bf16" if bf16 else "fp32"},
+            "ours": {**t_ours, "views_per_s": views / t_ours["median_s"], "step_gflop": gflop,
+                     "gflop_per_s": gflop / t_ours["median_s"], "precision": "bf16" if bf16 else "fp32"},
             "ours_sparse_layer": {**t_layer, "gflop": backbone_gflop, "gflop_per_s": backbone_gflop / t_layer["median_s"]},
             "reference": {"median_s": t_ref, "min_s": min(phases["step_s"]), "max_s": max(phases["step_s"]),
                           "runs": len(phases["step_s"]), "data_wait_median_s": statistics.median(phases["data_s"]),
-                          "views_per_s": views / t_ref, "gflop_per_s": step_gflop / t_ref, "workers": workers},
+                          **{f"{k[:-2]}_median_s": statistics.median(phases[k]) for k in ("forward_s", "backward_s",
+                                                                                          "optimizer_s")},
+                          "views_per_s": views / t_ref, "gflop_per_s": gflop / t_ref, "workers": workers},
             "speedup": t_ref / t_ours["median_s"],
         }
         per_size[b] = entry
@@ -163,9 +173,10 @@ def run(args: argparse.Namespace) -> dict:
                  {"name": "reference", "batch_size": b, **entry["reference"]}]
         layer_rate = entry["ours_sparse_layer"]["gflop_per_s"]
         print(f"batch {b:4d}: ours {t_ours['median_s'] * 1e3:8.1f} ms ({views / t_ours['median_s']:7.1f} views/s, "
-              f"{step_gflop / t_ours['median_s']:6.1f} GFLOP/s; sparse layer alone {layer_rate:6.1f} GFLOP/s)   "
+              f"{gflop / t_ours['median_s']:6.1f} GFLOP/s; sparse layer alone {layer_rate:6.1f} GFLOP/s)   "
               f"reference {t_ref * 1e3:8.1f} ms ({views / t_ref:7.1f} views/s, data wait "
-              f"{entry['reference']['data_wait_median_s'] * 1e3:.0f} ms)   speedup {entry['speedup']:.2f}x")
+              f"{entry['reference']['data_wait_median_s'] * 1e3:.0f} ms, forward {entry['reference']['forward_median_s']:.2f} s, "
+              f"backward {entry['reference']['backward_median_s']:.2f} s)   speedup {entry['speedup']:.2f}x")
     print(f"matmul on this machine: {', '.join(f'{k} {v:.3g} GFLOP/s' for k, v in rates.items())}   "
           f"({s} slides, Naug {naug} x Nt {nt}, {workers} reference workers, device {dev})")
     big = per_size[max(sizes)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches into .whl/ the wheels that benchmarks/gpu_check.sh installs on a bare GPU machine with no
 # package index: cuCIM and nvImageCodec (GPU decoding), OpenSlide (the reference reader), imagecodecs
-# (JPEG for the synthetic slides). Run where pip can reach PyPI; PY is the GPU machine's Python version.
+# (JPEG for the synthetic slides), kornia (the encode reference's augmentations). Run where pip can reach PyPI; PY is the GPU machine's Python version.
 # nvImageCodec ships an extension per Python version and cuCIM its test data: both are dropped, which
 # keeps the set near 51 MB (the device tool carries 64 MiB at most).
 #   bash benchmarks/fetch_gpu_wheels.sh [PY=3.12]
@@ -14,7 +14,7 @@ mkdir -p "$dest"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$tmp" \
-  cucim-cu13 "nvidia-nvimgcodec-cu13>=0.9,<0.10" openslide-python openslide-bin imagecodecs
+  cucim-cu13 "nvidia-nvimgcodec-cu13>=0.9,<0.10" openslide-python openslide-bin imagecodecs kornia kornia_rs
 for whl in "$tmp"/*.whl; do
   name=$(basename "$whl")
   case "$name" in

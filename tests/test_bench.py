@@ -34,6 +34,7 @@ def test_original_encode_plain_pass_matches_our_features(synthetic_slide, tmp_pa
     out = original_encode(str(synthetic_slide), coords, int(grid.attrs["read_level"]), ref_model, str(tmp_path / "o"),
                           naug=2, nt=4, workers=0)
     assert len(coords) >= 2 and len(out["aug_batch_s"]) == 2 and len(out["plain_batch_s"]) == -(-len(coords) // 4)
+    assert out["plain_batches_total"] == len(coords) / 4
     stem = os.path.splitext(os.path.basename(str(synthetic_slide)))[0]
     plain = np.load(tmp_path / "o" / "normal" / "tiles" / f"{stem}_embeddings.npy")
     assert plain.dtype == np.float64 and plain.shape == (len(coords), 256)
@@ -143,18 +144,58 @@ def test_original_views_read_one_augmentation_file(tmp_path):
 
 
 def test_original_embed_averages_one_view_forwards(fixtures, tmp_path):
+    """Per slide: coordinates / 4, `views` draws of 5 tiles with replacement (torch.randint, in the
+    reference's order), one forward each, the mean of the outputs."""
     from benchmarks.reference.embed import original_embed, write_normal_dataset
     from benchmarks.reference.train import OriginalSparseConvMIL
 
-    model = OriginalSparseConvMIL().load_dense_layer4(_fixture_state(fixtures))
-    f = fixtures["c0/tile_feats"][:2, :1, :]  # one tile per slide: every view is that tile, five times
-    xy = fixtures["c0/locs_input"][:2, :1, :]
-    write_normal_dataset(str(tmp_path), ["a", "b"], list(f), list(xy))
+    model = OriginalSparseConvMIL().load_dense_layer4(_fixture_state(fixtures)).eval()
+    f = [fixtures["c1/tile_feats"][i] for i in range(2)]  # 5 distinct tiles per slide
+    xy = [fixtures["c1/locs_level0"][i] * 4 for i in range(2)]
+    write_normal_dataset(str(tmp_path), ["a", "b"], f, xy)
+    torch.manual_seed(7)
     out = original_embed(model, str(tmp_path), ["a", "b"], views=3)
+    torch.manual_seed(7)
+    expected = []
     with torch.no_grad():
-        single = [model(torch.from_numpy(f[i]).repeat(5, 1)[None], torch.from_numpy(xy[i]).repeat(5, 1)[None])[0]
-                  for i in range(2)]
-    np.testing.assert_allclose(out, torch.stack(single).numpy(), rtol=1e-5, atol=1e-6)
+        for i in range(2):
+            vs = []
+            for _ in range(3):
+                idx = torch.randint(0, 5, (5,))
+                vs.append(model(torch.from_numpy(f[i])[idx][None], torch.from_numpy(xy[i] / 4.0).float()[idx][None])[0])
+            expected.append(torch.stack(vs).mean(0))
+    np.testing.assert_allclose(out, torch.stack(expected).numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out[0], out[1])
+
+
+def test_scn_convolution_and_batch_norm_gradients():
+    """The hand-written backward passes against numerical gradients (float64)."""
+    from benchmarks.reference.train import SCNBatchNormFunction, SCNConvolution, split_by_tap
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 6, 4, dtype=torch.float64, requires_grad=True)
+    rules = split_by_tap(np.array([[i % 12, (i * 7) % 10, i % 9] for i in range(40)]), 9, torch.device("cpu"))
+    assert torch.autograd.gradcheck(lambda a, b: SCNConvolution.apply(a, b, rules, 10), (x, w))
+    y = torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    for training in (True, False):
+        assert torch.autograd.gradcheck(lambda a, c, d, t=training: SCNBatchNormFunction.apply(
+            a, c, d, torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64), 1e-5, t), (y, g, b))
+
+
+def test_extrapolation_and_flop_count_by_hand():
+    from benchmarks.bench_train import layer_gflop
+    from benchmarks.reference.encode import extrapolated_seconds
+
+    # first batch (with start-up) once, then the median of the others for each batch left
+    assert extrapolated_seconds([5.0, 1.0, 3.0, 2.0], 10) == 5.0 + 2.0 * 9
+    assert extrapolated_seconds([4.0, 1.0], 2.5) == 4.0 + 1.0 * 1.5  # a partial last batch
+    # one view, five tiles on one cell: one input site -> one output site (tap 0), one submanifold pair
+    fwd, first = layer_gflop(torch.zeros(1, 5, 2, dtype=torch.int64))
+    macs = 256 * 512 + 256 * 512 + 3 * 512 * 512 + (2 * 512 * 512 + 512 * 256)
+    assert fwd == pytest.approx(2 * macs / 1e9) and first == pytest.approx(2 * 2 * 256 * 512 / 1e9)
 
 
 def test_bench_quick_report(tmp_path):

@@ -24,10 +24,15 @@ def test_auto_follows_the_hardware(monkeypatch, amx):
     assert train_precision("bf16", torch.device("cuda")) == "bf16"
 
 
-def test_amx_flag_is_read_from_cpuinfo():
-    with open("/proc/cpuinfo", encoding="utf-8") as fh:
-        flags = next((line.split() for line in fh if line.startswith("flags")), [])
-    assert compute.cpu_has_amx_bf16() == ("amx_bf16" in flags)
+def test_amx_flag_is_read_from_cpuinfo(tmp_path):
+    head = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+    amx = tmp_path / "amx"
+    amx.write_text(head + "flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    no_amx = tmp_path / "no_amx"
+    no_amx.write_text(head + "flags\t\t: fpu avx2 amx_tile_like\n")
+    assert compute.cpu_has_amx_bf16(str(amx)) is True
+    assert compute.cpu_has_amx_bf16(str(no_amx)) is False
+    assert compute.cpu_has_amx_bf16(str(tmp_path / "missing")) is False
 
 
 def test_encoder_bf16_features_close_to_float32(tmp_path):
@@ -42,7 +47,7 @@ def test_encoder_bf16_features_close_to_float32(tmp_path):
         assert enc.precision == p
         feats[p] = enc(x)
     rel = (feats["bf16"] - feats["fp32"]).norm() / feats["fp32"].norm()
-    assert 0 < rel < 3e-2
+    assert 0 < rel < 1e-2
 
 
 def test_training_loss_bf16_close_to_float32():

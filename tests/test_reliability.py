@@ -176,6 +176,23 @@ def test_resume_refuses_changed_settings_unless_forced(cohort, tmp_path):
     assert steps == sorted(set(steps)), "a step is logged twice"
 
 
+def test_resume_refuses_another_compute_precision(cohort, tmp_path):
+    """--precision is compared as resolved: auto is bf16 on an AMX CPU and float32 elsewhere, so a run
+    moved between such machines, or given the other precision, must say so."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(cohort / "run", run)
+    saved = torch.load(run / "checkpoint_last.pt", weights_only=False)["compute_precision"]
+    other = "fp32" if saved == "bf16" else "bf16"
+    r = cli("train", cohort / "store.h5", "--out", run, "--epochs", "2", "--batch-size", "2", "--resume",
+            "--precision", other)
+    _one_line(r, "--precision", f"{saved} -> {other}", "--force-resume")
+    r = cli("train", cohort / "store.h5", "--out", run, "--epochs", "2", "--batch-size", "2", "--resume",
+            "--precision", saved)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_log_has_no_repeated_steps_after_resume(cohort, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(cohort / "run", run)

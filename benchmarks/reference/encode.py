@@ -132,14 +132,17 @@ def original_encode(path: str, coords: np.ndarray, level: int, model: FullResNet
     del loader
     np.save(os.path.join(out_dir, "normal", "tiles", f"{name}_embeddings.npy"), e)
     np.save(os.path.join(out_dir, "normal", "coordinates", f"{name}_xy.npy"), p)
+    # the last plain batch is partial: count the pass in batches of nt, fractionally
     return {"aug_batch_s": aug_times, "aug_batches_total": naug, "plain_batch_s": plain_times,
-            "plain_batches_total": -(-len(data) // nt)}
+            "plain_batches_total": len(data) / nt}
 
 
-def extrapolated_seconds(batch_s: list[float], total: int) -> float:
+def extrapolated_seconds(batch_s: list[float], total: float) -> float:
     """A pass's seconds from the batches that ran: the first (with the workers' start-up) plus the
     median of the others for each batch left."""
     if not batch_s:
         return 0.0
+    if len(batch_s) >= total:  # the whole pass ran
+        return float(sum(batch_s))
     steady = float(np.median(batch_s[1:])) if len(batch_s) > 1 else batch_s[0]
     return batch_s[0] + steady * (total - 1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -95,8 +96,9 @@ class OriginalViews(torch.utils.data.Dataset):
 
 
 def original_loader(root: str, naug: int, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    # pin_memory as the original's dataloader_kwargs; workers are not persistent (restarted each epoch)
     return torch.utils.data.DataLoader(OriginalViews(root, naug), batch_size=batch_size, shuffle=True,
-                                       num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+                                       num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available())
 
 
 # -- model: SparseConvMIL on SparseConvNet ------------------------------------------------------------------
@@ -152,20 +154,78 @@ def submanifold_rules(sites: np.ndarray) -> np.ndarray:
     return np.concatenate(pairs)
 
 
-def sparse_conv(x: torch.Tensor, weight: torch.Tensor, rules: torch.Tensor, n_out: int) -> torch.Tensor:
-    """SCN's CPU convolution: per filter tap, gather the input rows, one GEMM, scatter-add the products.
-    `weight` in SCN layout (taps, in, out)."""
-    out = x.new_zeros(n_out, weight.shape[-1])
-    for t in range(weight.shape[0]):
-        sel = rules[rules[:, 2] == t]
-        if len(sel):
-            out = out.index_add(0, sel[:, 1], x[sel[:, 0]] @ weight[t])
-    return out
+def split_by_tap(rules: np.ndarray, taps: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(in, out, tap) rows -> per tap (input rows, output rows): the rulebook's layout in SCN."""
+    return [(torch.from_numpy(rules[rules[:, 2] == t, 0]).to(device), torch.from_numpy(rules[rules[:, 2] == t, 1]).to(device))
+            for t in range(taps)]
+
+
+class SCNConvolution(torch.autograd.Function):
+    """SparseConvNet's CPU convolution, forward and backward as its C++ does them: per tap, the input
+    rows gathered, one GEMM, the products added into the output rows in place; backward writes each
+    tap's weight gradient into its slice and adds the input gradient (always computed, as SCN does) in
+    place. `weight` in SCN layout (taps, in, out)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rules: list, n_out: int) -> torch.Tensor:
+        out = x.new_zeros(n_out, weight.shape[-1])
+        for t, (src, dst) in enumerate(rules):
+            if len(src):
+                out.index_add_(0, dst, x.index_select(0, src) @ weight[t])
+        ctx.save_for_backward(x, weight)
+        ctx.rules = rules
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dx, dw = torch.zeros_like(x), torch.zeros_like(weight)
+        for t, (src, dst) in enumerate(ctx.rules):
+            if len(src):
+                g = grad.index_select(0, dst)
+                torch.mm(x.index_select(0, src).T, g, out=dw[t])
+                dx.index_add_(0, src, g @ weight[t].T)
+        return dx, dw, None, None
+
+
+def sparse_conv(x: torch.Tensor, weight: torch.Tensor, rules: list, n_out: int) -> torch.Tensor:
+    return SCNConvolution.apply(x, weight, rules, n_out)
+
+
+class SCNBatchNormFunction(torch.autograd.Function):
+    """SCN BatchNormalization's forward and backward passes over the active sites, one pass each."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps: float, training: bool):
+        if training:
+            n = x.shape[0]
+            mean = x.mean(0)
+            var = (x * x).mean(0) - mean * mean  # SCN: E[x²] - mean², biased, to normalise
+            running_mean.mul_(0.9).add_(0.1 * mean)
+            running_var.mul_(0.9).add_(0.1 * var * n / max(n - 1, 1))  # unbiased into the running variance
+        else:
+            mean, var = running_mean, running_var
+        inv = torch.rsqrt(var + eps)
+        xhat = (x - mean) * inv
+        ctx.save_for_backward(xhat, inv, weight)
+        ctx.training = training
+        return xhat * weight + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, inv, weight = ctx.saved_tensors
+        dbias = grad.sum(0)
+        dweight = (grad * xhat).sum(0)
+        if ctx.training:
+            n = grad.shape[0]
+            dx = weight * inv * (grad - dbias / n - xhat * dweight / n)
+        else:
+            dx = grad * weight * inv
+        return dx, dweight, dbias, None, None, None, None
 
 
 class SCNBatchNorm(nn.Module):
-    """SCN BatchNormalization over the active sites: biased variance as E[x²] - mean² to normalise, the
-    unbiased one into the running variance; momentum 0.9 in SCN's convention (0.1 of the batch)."""
+    """SCN BatchNormalization over the active sites; momentum 0.9 in SCN's convention (0.1 of the batch)."""
 
     def __init__(self, n: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -175,16 +235,8 @@ class SCNBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            mean = x.mean(0)
-            var = (x * x).mean(0) - mean * mean
-            with torch.no_grad():
-                n = x.shape[0]
-                self.running_mean.mul_(0.9).add_(0.1 * mean)
-                self.running_var.mul_(0.9).add_(0.1 * var * n / max(n - 1, 1))
-        else:
-            mean, var = self.running_mean, self.running_var
-        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+        return SCNBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                          self.training)
 
 
 class SparseBlock(nn.Module):
@@ -241,15 +293,17 @@ class OriginalSparseConvMIL(nn.Module):
         sites1, strided = strided_rules(sites0, size)
         sub = submanifold_rules(sites1)
         dev = x.device
-        tile_site, strided, sub = (torch.from_numpy(a).to(dev) for a in (tile_site, strided, sub))
         n0, n1 = len(sites0), len(sites1)
+        tile_site = torch.from_numpy(tile_site).to(dev)
+        strided_t = torch.from_numpy(strided).to(dev)
+        strided, sub = split_by_tap(strided, 9, dev), split_by_tap(sub, 9, dev)
         counts = torch.bincount(tile_site, minlength=n0).to(x.dtype)
         x0 = x.new_zeros(n0, x.shape[1]).index_add(0, tile_site, x) / counts[:, None]
         b0, b1 = self.block0, self.block1
         a = F.relu(b0.norm1(sparse_conv(x0, b0.conv1, strided, n1)))
         a = b0.norm2(sparse_conv(a, b0.conv2, sub, n1))
-        pooled = x0.new_zeros(n1, x0.shape[1]).index_add(0, strided[:, 1], x0[strided[:, 0]]) / 9
-        centre = torch.stack([torch.arange(n1, device=dev)] * 2 + [torch.zeros(n1, dtype=torch.long, device=dev)], 1)
+        pooled = x0.new_zeros(n1, x0.shape[1]).index_add(0, strided_t[:, 1], x0[strided_t[:, 0]]) / 9
+        centre = [(torch.arange(n1, device=dev), torch.arange(n1, device=dev))]
         x1 = F.relu(a + b0.normd(sparse_conv(pooled, b0.convd, centre, n1)))
         a = F.relu(b1.norm1(sparse_conv(x1, b1.conv1, sub, n1)))
         x2 = F.relu(b1.norm2(sparse_conv(a, b1.conv2, sub, n1)) + x1)
@@ -312,17 +366,28 @@ def cosine_lr(step: int, steps_per_epoch: int, base_lr: float = 0.03, warmup_epo
 
 
 def original_step(model: OriginalSimCLRMIL, opt: torch.optim.Optimizer, batch, step: int, steps_per_epoch: int,
-                  device: torch.device) -> float:
-    """One iteration of main_sharedaug's loop: move the views, forward both, backward, Adam, schedule."""
+                  device: torch.device) -> tuple[float, dict]:
+    """One iteration of main_sharedaug's loop: move the views, forward both, backward, Adam, schedule.
+    Returns the loss and the seconds of each phase (forward includes the loss)."""
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    t0 = now()
     (images1, images2), _ = batch
     images1 = [x.to(device, non_blocking=True) for x in images1]
     images2 = [x.to(device, non_blocking=True) for x in images2]
     model.zero_grad()
     out = model(images1, images2)
     loss = out["loss"].mean()
+    t1 = now()
     loss.backward()
+    t2 = now()
     opt.step()
     for group in opt.param_groups:
         group["lr"] = cosine_lr(step, steps_per_epoch)
     out["output_std"].item()  # the original logs it every step (a host sync on a GPU)
-    return float(loss.detach())
+    t3 = now()
+    return float(loss.detach()), {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2}

@@ -58,12 +58,12 @@ def cucim_gpu_decode() -> tuple[bool, str]:
     return True, "cuCIM + CuPy on " + str(cuda_device())
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_amx_bf16() -> bool:
+@functools.lru_cache(maxsize=4)
+def cpu_has_amx_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 matrices in AMX tiles (Sapphire Rapids and later Xeons): there a
     bf16 product runs about 5x float32, elsewhere bf16 convolutions are slower than float32."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        with open(cpuinfo, encoding="utf-8") as fh:
             for line in fh:
                 if line.startswith("flags"):
                     return "amx_bf16" in line.split()

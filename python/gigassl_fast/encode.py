@@ -7,7 +7,7 @@ File ``features/<slide_id>.h5`` (CLAM/TRIDENT names for the first two):
     aug/features  float16 (Naug, Nt, D) batch a encoded under augmentation a
     aug/params    float32 (Naug, 13)   the augmentation parameters (columns: augment.PARAM_COLUMNS)
     corrupt_coords int64 (K, 2)        tiles left out for corrupt image data (--on-corrupt-tile skip)
-    attrs         the tile file's attributes plus encoder, weights checksum, Naug, Nt, seed, precision,
+    attrs         the tile file's attributes plus encoder, weights checksum, Naug, Nt, seed, compute precision,
                   device, version.
 
 Each distinct tile is decoded once per slide; the augmented batches are built from that pool.
@@ -213,12 +213,14 @@ def slide_seed(seed: int, slide_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(slide_id.encode())) % (2**63)
 
 
-def reuse_key(entry: SlideEntry, params: EncodeParams, checksum: str) -> dict:
+def reuse_key(entry: SlideEntry, params: EncodeParams, checksum: str, compute_precision: str) -> dict:
+    """What a feature file must have been made with to be reused. The precision compared is the one the
+    encoder ran in (`auto` means bf16 on one machine and float32 on another)."""
     from .tiling import reuse_key as tile_key
 
     return {**tile_key(entry, params.tiles), "format": FORMAT, "encoder": params.encoder,
             "weights_checksum": checksum, "naug": params.naug, "nt": params.nt, "seed": params.seed,
-            "precision": params.precision}
+            "compute_precision": compute_precision}
 
 
 def _to_float(tiles_u8: torch.Tensor, size: int) -> torch.Tensor:
@@ -338,7 +340,7 @@ def encode_one(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileE
                overwrite: bool, timings: dict) -> SlideRecord:
     start = time.time()
     path = features_path(out_dir, entry.slide_id)
-    key = reuse_key(entry, params, enc.checksum)
+    key = reuse_key(entry, params, enc.checksum, enc.precision)
     if os.path.exists(path) and not overwrite and is_complete(path, key):
         with h5py.File(path, "r") as fh:
             n = int(fh["coords"].shape[0])

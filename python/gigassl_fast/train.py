@@ -85,7 +85,8 @@ def learning_rate(step: int, steps_per_epoch: int, p: TrainParams, world: int = 
 
 
 #: Settings a resumed run may change without changing what it computes.
-FREE_ON_RESUME = ("checkpoint_every", "device", "stop_at_epoch", "resnet18_weights", "init")
+# precision: compared as resolved (compute_precision), since auto means different things on different machines
+FREE_ON_RESUME = ("checkpoint_every", "device", "stop_at_epoch", "resnet18_weights", "init", "precision")
 
 
 def _atomic_save(obj: dict, path: str) -> None:
@@ -111,7 +112,8 @@ def _tensors(obj):
 
 
 def _option(name: str) -> str:
-    return {"base_lr": "--lr", "store": "STORE"}.get(name, "--" + name.replace("_", "-"))
+    return {"base_lr": "--lr", "store": "STORE", "compute_precision": "--precision (as resolved on this machine)"}.get(
+        name, "--" + name.replace("_", "-"))
 
 
 def changed_settings(saved: dict, params: TrainParams) -> dict[str, list]:
@@ -266,6 +268,11 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         if ckpt.get("store_slides", store.n_slides) != store.n_slides:
             changed["store"] = [f"{ckpt.get('store')} ({ckpt['store_slides']} slides)",
                                 f"{os.path.abspath(store_path)} ({store.n_slides} slides)"]
+        # auto resolves per machine: a run moved between an AMX CPU and another one would change precision.
+        # Checkpoints from before --precision computed in float32.
+        saved_precision = ckpt.get("compute_precision", "fp32")
+        if saved_precision != ("bf16" if bf16 else "fp32"):
+            changed["compute_precision"] = [saved_precision, "bf16" if bf16 else "fp32"]
         if changed and not force_resume:
             what = ", ".join(f"{_option(k)} {a} -> {b}" for k, (a, b) in changed.items())
             raise GigasslError(f"{out_dir}: --resume with settings that change the run ({what}); pass the original "
@@ -329,6 +336,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
             state = {"epoch": epoch + 1, "step": step, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
                      "rng": rng, "order_rng": order_gen.get_state(), "params": asdict(params), "in_dim": store.dim,
                      "store": os.path.abspath(store_path), "store_slides": store.n_slides,
+                     "compute_precision": "bf16" if bf16 else "fp32",
                      "store_attrs": store_attrs, "version": __version__}
             if (epoch + 1) % params.checkpoint_every == 0:
                 _atomic_save(state, os.path.join(out_dir, f"checkpoint_e{epoch + 1:04d}.pt"))
