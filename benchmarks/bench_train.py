@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from benchmarks.common import bench_device, machine, matmul_rates, time_runs, write_json  # noqa: E402
 from benchmarks.reference.train import (  # noqa: E402
     OriginalSimCLRMIL,
+    corrected_size,
     input_layer,
     original_loader,
     original_step,
@@ -72,9 +73,7 @@ def layer_gflop(locations: torch.Tensor) -> tuple[float, float]:
     q = locs.astype(np.float32) / np.float32(224)
     cells = np.trunc(q - q.min(axis=1, keepdims=True)).astype(np.int64).reshape(-1, 2)
     batch = np.repeat(np.arange(locs.shape[0]), locs.shape[1])
-    size = np.array([max(int(cells[:, a].max()) + 1, 5) for a in range(2)])
-    size += size % 2 == 0
-    size += 2 * ((size // 2) % 2 == 0)
+    size = np.array([corrected_size(int(cells[:, a].max()) + 1) for a in range(2)])
     sites0, _ = input_layer(cells, batch)
     sites1, strided = strided_rules(sites0, size)
     sub = submanifold_rules(sites1)

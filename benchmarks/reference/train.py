@@ -104,7 +104,8 @@ def original_loader(root: str, naug: int, batch_size: int, workers: int) -> torc
 # -- model: SparseConvMIL on SparseConvNet ------------------------------------------------------------------
 
 
-def _corrected_size(s: int) -> int:
+def corrected_size(s: int) -> int:
+    """SparseConvMIL's spatial size correction: at least 5, odd, and half of it odd."""
     s = max(s, 5)
     s += s % 2 == 0
     return s + 2 * ((s // 2) % 2 == 0)
@@ -288,7 +289,7 @@ class OriginalSparseConvMIL(nn.Module):
         cells = torch.vstack(locs).cpu().long().numpy()
         batch = batch.numpy()[:, 0]
         x = tile_embeddings.reshape(-1, tile_embeddings.shape[-1])
-        size = np.array([_corrected_size(int(cells[:, a].max()) + 1) for a in range(2)])
+        size = np.array([corrected_size(int(cells[:, a].max()) + 1) for a in range(2)])
         sites0, tile_site = input_layer(cells, batch)
         sites1, strided = strided_rules(sites0, size)
         sub = submanifold_rules(sites1)

@@ -109,9 +109,9 @@ def compute_paths() -> list[Path]:
                 "faster") if gpu else f"GPU decoding unavailable: {why}"
     paths.append(Path("slide decoding", f"{cpu_reader} for SVS/TIFF, OpenSlide for NDPI/MRXS/SCN/...", gpu_note))
     device = cuda_device()
+    precision = {"bf16": "bf16", "fp32": "float32"}[resolve_precision("auto", "cuda" if device else "cpu")]
+    where = f"the {'GPU' if device else 'CPU'}, {precision}, channels_last"
     amx = "AMX bf16" if cpu_has_amx_bf16() else "no AMX"
-    where = ("the GPU, bf16, channels_last" if device else
-             f"the CPU, {'bf16' if cpu_has_amx_bf16() else 'float32'}, channels_last")
     paths.append(Path("encode: tile encoder", f"torch on {where}", device or f"no CUDA device; CPU has {amx}"))
     from .kernels.availability import triton_status
 

@@ -119,10 +119,7 @@ def _option(name: str) -> str:
 def changed_settings(saved: dict, params: TrainParams) -> dict[str, list]:
     """{setting: [checkpoint's value, this run's]} for the settings that change what a resumed run computes."""
     now = asdict(params)
-    # A setting added after the checkpoint was written counts as its default then.
-    defaults = asdict(TrainParams())
-    return {k: [saved.get(k, defaults[k]), v] for k, v in now.items()
-            if k not in FREE_ON_RESUME and saved.get(k, defaults[k]) != v}
+    return {k: [saved.get(k), v] for k, v in now.items() if k not in FREE_ON_RESUME and saved.get(k) != v}
 
 
 def _append_log(path: str, record: dict) -> None:
@@ -231,7 +228,8 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     params.validate()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = _device(params.device)
-    bf16 = train_precision(params.precision, device) == "bf16"
+    precision = train_precision(params.precision, device)
+    bf16 = precision == "bf16"
     store = Store(store_path, device)
     global_batch = params.batch_size * world
     if store.n_slides < global_batch:
@@ -271,8 +269,8 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         # auto resolves per machine: a run moved between an AMX CPU and another one would change precision.
         # Checkpoints from before --precision computed in float32.
         saved_precision = ckpt.get("compute_precision", "fp32")
-        if saved_precision != ("bf16" if bf16 else "fp32"):
-            changed["compute_precision"] = [saved_precision, "bf16" if bf16 else "fp32"]
+        if saved_precision != precision:
+            changed["compute_precision"] = [saved_precision, precision]
         if changed and not force_resume:
             what = ", ".join(f"{_option(k)} {a} -> {b}" for k, (a, b) in changed.items())
             raise GigasslError(f"{out_dir}: --resume with settings that change the run ({what}); pass the original "
@@ -291,7 +289,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
             _append_log(log_path, {"event": "resume", "at_step": step, "changed": changed})
             log(f"resuming at step {step} with changed settings: {changed} (config.json keeps the original)")
     elif rank == 0:
-        config = {"params": asdict(params), "compute_precision": "bf16" if bf16 else "fp32",
+        config = {"params": asdict(params), "compute_precision": precision,
                   "store": os.path.abspath(store_path), "world_size": world,
                   "store_attrs": store_attrs, "version": __version__}
         with atomic_file(os.path.join(out_dir, "config.json")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
@@ -336,7 +334,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
             state = {"epoch": epoch + 1, "step": step, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
                      "rng": rng, "order_rng": order_gen.get_state(), "params": asdict(params), "in_dim": store.dim,
                      "store": os.path.abspath(store_path), "store_slides": store.n_slides,
-                     "compute_precision": "bf16" if bf16 else "fp32",
+                     "compute_precision": precision,
                      "store_attrs": store_attrs, "version": __version__}
             if (epoch + 1) % params.checkpoint_every == 0:
                 _atomic_save(state, os.path.join(out_dir, f"checkpoint_e{epoch + 1:04d}.pt"))
