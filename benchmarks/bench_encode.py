@@ -39,7 +39,8 @@ from benchmarks.reference.encode import FullResNet18, extrapolated_seconds, orig
 from benchmarks.reference.tiling import reference_check_patch_grid, reference_otsu_gray_mask  # noqa: E402
 from benchmarks.workloads import realistic_cohort  # noqa: E402
 from gigassl_fast.cohort import collect_slides  # noqa: E402
-from gigassl_fast.encode import EncodeParams, TileEncoder, features_path, run_encode  # noqa: E402
+from gigassl_fast.encode import EncodeParams, features_path, run_encode  # noqa: E402
+from gigassl_fast.encoders.inference import TileEncoder  # noqa: E402
 from gigassl_fast.tiling import TileParams, read_tile_file, tile_path  # noqa: E402
 
 QUICK = {"slides": 2, "tissue_tiles": 60, "naug": 2, "nt": 16, "ref_batches": 2}
@@ -104,8 +105,8 @@ def run(args: argparse.Namespace) -> dict:
         with h5py.File(features_path(out_dir, e.slide_id), "r") as fh:
             passes += int(fh["coords"].shape[0]) + sum(len(np.unique(row)) for row in fh["aug/indices"][:])
     seconds = last.config["throughput"]["seconds"]
-    enc = TileEncoder(params)
-    ceiling = encoder_ceiling(enc, params.batch_size)
+    enc = params.tile_encoder()
+    ceiling = encoder_ceiling(enc, params.resolved_batch_size())
     total_tiles = sum(n_tiles.values())
     work_tiles = total_tiles + args.naug * args.nt * len(entries)
 

@@ -153,7 +153,7 @@ def decode_one(slide: str, n: int, workers: int) -> None:
 @section("encode")
 def check_encode(slide: str, weights: str) -> dict:
     from gigassl_fast.augment import augment, draw_params
-    from gigassl_fast.encode import EncodeParams, TileEncoder
+    from gigassl_fast.encoders.inference import TileEncoder
     from gigassl_fast.slides import Slide
     from gigassl_fast.tiling import TileParams, tile_slide
 
@@ -163,8 +163,8 @@ def check_encode(slide: str, weights: str) -> dict:
         level, size = int(grid.attrs["read_level"]), int(grid.attrs["read_tile_size"])
         tiles = s.backend.read_regions_torch(grid.coords[:n], level, size, size, torch.device("cpu"), 8)
     x = tiles.permute(0, 3, 1, 2).float().div(255)
-    gpu = TileEncoder(EncodeParams(encoder="resnet18-l3", weights=weights, device=DEV.type))
-    cpu = TileEncoder(EncodeParams(encoder="resnet18-l3", weights=weights, device="cpu", precision="fp32"))
+    gpu = TileEncoder("resnet18-l3", weights, DEV)
+    cpu = TileEncoder("resnet18-l3", weights, "cpu", precision="fp32")
     f_gpu, f_cpu = gpu(x.to(DEV)), cpu(x)
     err = rel(f_gpu, f_cpu)
     print(f"encoder {gpu.precision} on {DEV} vs fp32 on CPU: relative error {err:.2e}")

@@ -16,7 +16,7 @@ def test_original_encode_plain_pass_matches_our_features(synthetic_slide, tmp_pa
     folded batch norms, channels_last) encode the same tiles to the same features."""
     from benchmarks.reference.encode import FullResNet18, original_encode
 
-    from gigassl_fast.encode import EncodeParams, TileEncoder, encode_slide
+    from gigassl_fast.encode import EncodeParams, encode_slide
     from gigassl_fast.slides import Slide
     from gigassl_fast.tiling import TileParams, tile_slide
 
@@ -25,11 +25,13 @@ def test_original_encode_plain_pass_matches_our_features(synthetic_slide, tmp_pa
     torch.save(ref_model.state_dict(), tmp_path / "w.pth")
     params = EncodeParams(encoder="resnet18-l3", weights=str(tmp_path / "w.pth"), naug=1, nt=4, precision="fp32",
                           tiles=TileParams(mpp=2.0, min_tissue=0.5))
-    enc = TileEncoder(params)
+    enc = params.tile_encoder()
     with Slide(synthetic_slide) as s:
         grid = tile_slide(s, params.tiles)
         coords = grid.coords[:6]
-        ours = encode_slide(s, grid.attrs, coords, params, enc, "x", {"read": 0, "augment": 0, "encode": 0})
+        batches = s.region_batches(coords, int(grid.attrs["read_level"]), 224, 224, params.resolved_batch_size())
+        ours = encode_slide(grid.attrs, coords, params, enc, "x",
+                            ((torch.from_numpy(t), err) for t, err in batches), {"read": 0, "augment": 0, "encode": 0})
     assert int(grid.attrs["read_tile_size"]) == 224  # the reference reads 224 px at the level, no resize
     out = original_encode(str(synthetic_slide), coords, int(grid.attrs["read_level"]), ref_model, str(tmp_path / "o"),
                           naug=2, nt=4, workers=0)

@@ -123,11 +123,11 @@ def test_timm_encoders_through_a_stand_in_timm(monkeypatch, tmp_path):
 def test_encode_folds_batch_norms_without_changing_features(name):
     """TileEncoder folds each batch norm into its convolution (efficientnet-lite0 by its own method,
     resnet18-l3 through torch.fx): no batch norm is left, and the features are those of the plain model."""
-    from gigassl_fast.encode import EncodeParams, TileEncoder
+    from gigassl_fast.encoders.inference import TileEncoder
 
     weights = "random" if name == "resnet18-l3" else None
     torch.manual_seed(0)  # the same random weights for both models
-    enc = TileEncoder(EncodeParams(encoder=name, weights=weights, device="cpu"))
+    enc = TileEncoder(name, weights, "cpu")
     torch.manual_seed(0)
     plain = create_encoder(name, weights).eval()
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())

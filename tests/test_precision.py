@@ -36,14 +36,14 @@ def test_amx_flag_is_read_from_cpuinfo(tmp_path):
 
 
 def test_encoder_bf16_features_close_to_float32(tmp_path):
-    from gigassl_fast.encode import EncodeParams, TileEncoder
+    from gigassl_fast.encoders.inference import TileEncoder
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 96, 96)  # small tiles: bf16 convolutions are slow on CPUs without AMX
     feats = {}
     for p in ("fp32", "bf16"):
         torch.manual_seed(1)  # the same random weights for both
-        enc = TileEncoder(EncodeParams(encoder="resnet18-l3", weights="random", precision=p, device="cpu").validate())
+        enc = TileEncoder("resnet18-l3", "random", "cpu", precision=p)
         assert enc.precision == p
         feats[p] = enc(x)
     rel = (feats["bf16"] - feats["fp32"]).norm() / feats["fp32"].norm()

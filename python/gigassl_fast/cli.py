@@ -100,16 +100,22 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
 @click.option("--nt", type=click.IntRange(min=1), default=256, show_default=True,
               help="Tiles per augmented version (drawn with replacement).")
 @_tile_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per encoder call.")
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads (cuCIM).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Tiles per encoder call [default: 256 on GPUs, 64 on CPUs].")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Decoding threads (the JPEG tile engine, or the slide reader).")
+@click.option("--prefetch-mb", type=click.IntRange(min=0), default=1024, show_default=True,
+              help="Decoded tiles held ahead of the encoder, in MB (a 224-px tile is 150 KB, a 448-px one 600 KB): "
+                   "the next slides are tiled and decoded while this one is encoded.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Encoder compute precision; auto is bf16 on GPUs and on CPUs with AMX, float32 on other CPUs "
                    "(features are stored as float16).")
 @click.option("--decode", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
-              help="Where SVS/TIFF tiles are decoded. auto: on the GPU (cuCIM) when the encoder runs there and a "
-                   "trial in a separate process finds it matches CPU decoding and is faster, else on the CPU; "
-                   "gpu: on the GPU, no trial.")
+              help="Where tiles are decoded. JPEG-tiled SVS/TIFF levels: by the JPEG tile engine (libjpeg-turbo, "
+                   "--workers threads) on the CPU. Other formats: auto decodes on the GPU (cuCIM) when the encoder "
+                   "runs there and a trial in a separate process finds it matches CPU decoding and is faster, else "
+                   "on the CPU; gpu: on the GPU, no trial.")
 @click.option("--on-corrupt-tile", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="A tile whose image data is corrupt: fail the slide naming it, or drop the tiles it touches "
                    "(recorded in the feature file and the summary).")
@@ -120,8 +126,8 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
 @click.option("--overwrite", is_flag=True, help="Replace feature files made with other parameters.")
 @click.option("--list-encoders", is_flag=True, help="List the registered encoders and exit.")
 def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp,
-           slide_mpp, reader, batch_size, workers, device, precision, decode, on_corrupt_tile, seed, pca, shard,
-           overwrite, list_encoders) -> None:
+           slide_mpp, reader, batch_size, workers, prefetch_mb, device, precision, decode, on_corrupt_tile, seed, pca,
+           shard, overwrite, list_encoders) -> None:
     """Tile features for each slide, plain and under Giga-SSL augmentations.
 
     SLIDES are slide files, folders, globs or a CSV manifest (slide_id,path[,mpp]). Slides are tiled
@@ -145,7 +151,7 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
     from .outputs import writable_dir
 
     params = EncodeParams(encoder=encoder, weights=weights, naug=naug, nt=nt, batch_size=batch_size, workers=workers,
-                          device=device, precision=precision, decode=decode, on_corrupt_tile=on_corrupt_tile, seed=seed,
+                          prefetch_mb=prefetch_mb, device=device, precision=precision, decode=decode, on_corrupt_tile=on_corrupt_tile, seed=seed,
                           pca=pca, tiles=_tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp)).validate()
     shard_spec = parse_shard(shard)
     entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)

@@ -15,14 +15,14 @@ Each distinct tile is decoded once per slide; the augmented batches are built fr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-import click
 import h5py
 import numpy as np
 import torch
@@ -31,15 +31,23 @@ import torch.nn.functional as F
 from . import __version__
 from .augment import PARAM_COLUMNS, augment, draw_params
 from .cohort import SlideEntry
-from .encoders import create_encoder, get_config
+from .encoders import get_config
+from .encoders.inference import TileEncoder
 from .errors import GigasslError
 from .h5files import atomic_h5, is_complete, read_attrs, write_attrs
 from .locks import lock_holder, slide_lock
+from .prefetch import Prefetch
 from .runlog import Progress, RunSummary, SlideRecord
 from .slides import CorruptTilesError, Slide
+from .slides.decoding import Batch, TileDecoder
 from .tiling import TileParams, read_tile_file, tile_one, tile_path
 
 FORMAT = "gigassl-fast/features/1"
+
+
+#: Encoder batch size when --batch-size is not given: GPUs need large batches to be busy; on a CPU larger
+#: batches gain nothing and hold more memory.
+BATCH_SIZE = {"cuda": 256, "cpu": 64}
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class EncodeParams:
     weights: str | None = None
     naug: int = 50
     nt: int = 256
-    batch_size: int = 64
+    batch_size: int | None = None  # None: BATCH_SIZE of the device
     workers: int = 4
     device: str = "auto"
     precision: str = "auto"
@@ -56,6 +64,7 @@ class EncodeParams:
     on_corrupt_tile: str = "fail"
     seed: int = 0
     pca: str | None = None
+    prefetch_mb: int = 1024
     tiles: TileParams = field(default_factory=TileParams)
 
     def validate(self) -> EncodeParams:
@@ -64,8 +73,10 @@ class EncodeParams:
             raise GigasslError(f"--naug must be >= 0 (got {self.naug})")
         if self.nt < 1:
             raise GigasslError(f"--nt must be >= 1 (got {self.nt})")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise GigasslError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.prefetch_mb < 0:
+            raise GigasslError(f"--prefetch-mb must be >= 0 (got {self.prefetch_mb})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise GigasslError(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -76,14 +87,7 @@ class EncodeParams:
             raise GigasslError(f"--decode must be auto, gpu or cpu (got {self.decode!r})")
         if self.on_corrupt_tile not in ("fail", "skip"):
             raise GigasslError(f"--on-corrupt-tile must be fail or skip (got {self.on_corrupt_tile!r})")
-        if self.decode == "gpu":
-            from .compute import cucim_gpu_decode
-
-            ok, why = cucim_gpu_decode()
-            if ok and self.resolved_device().type != "cuda":
-                ok, why = False, "the encoder runs on the CPU"
-            if not ok:
-                raise GigasslError(f"--decode gpu: cuCIM cannot decode on a GPU here ({why}); use --decode auto or cpu")
+        TileDecoder.check(self.decode, self.resolved_device())
         self.tiles.validate()
         return self
 
@@ -92,116 +96,11 @@ class EncodeParams:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or BATCH_SIZE.get(self.resolved_device().type, 64)
 
-class TileEncoder:
-    """The encoder on its device with its normalisation, applied in batches."""
-
-    def __init__(self, params: EncodeParams) -> None:
-        self.config = get_config(params.encoder)
-        self.device = params.resolved_device()
-        self.model = create_encoder(params.encoder, params.weights).to(self.device)
-        from .compute import resolve_precision
-
-        self.precision = resolve_precision(params.precision, self.device.type)
-        self.bf16 = self.precision == "bf16"
-        self.checksum = getattr(self.model, "weights_checksum", "unknown")
-        self.model = _fold_batch_norms(self.model).to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1)
-        self.pca = None
-        self.out_dim = self.config.out_dim
-        if params.pca:
-            from .encoders.weights import file_checksum
-            from .pca import load_pca
-
-            self.pca = load_pca(params.pca, self.config.out_dim)
-            self.out_dim = int(self.pca["components"].shape[0])
-            self.checksum += "+pca" + file_checksum(params.pca)
-        # Tiles are decoded where the encoder runs when cuCIM can decode on that GPU. With --decode auto
-        # the first slide read that way is first tried in a child process (see slides/gpu_probe.py): a
-        # fault in cuCIM's GPU decoder aborts its process, and must not take the run with it.
-        from .compute import cucim_gpu_decode
-
-        gpu_ok, why = cucim_gpu_decode()
-        self.decode_mode = params.decode
-        self.decode_on_device = self.device.type == "cuda" and gpu_ok and params.decode != "cpu"
-        self.decode_checked = False
-        if params.decode == "cpu":
-            why = "--decode cpu"
-        self.decode_note = f"GPU (cuCIM): {why}" if self.decode_on_device else f"CPU: {why}"
-
-    def decode(self, slide: Slide, xy: np.ndarray, level: int, size: int, workers: int,
-               trial: np.ndarray | None = None) -> torch.Tensor:
-        """uint8 (N, size, size, 3) tiles on the encoder's device. `trial`: the coordinates the GPU
-        decoding trial reads (default `xy`)."""
-        backend = slide.backend
-        if not (self.decode_on_device and backend.name == "cucim"):
-            return backend.read_regions_torch(xy, level, size, size, self.device, workers)
-        if not self.decode_checked:
-            self.decode_checked = True
-            ok, faster, why = self._check_gpu_decode(slide, xy if trial is None else trial, level, size, workers)
-            if not (ok and faster):
-                self.decode_on_device = False
-                self.decode_note = f"CPU: {why} ({slide.path})"
-                if not ok:
-                    click.echo(f"warning: decoding on the CPU: {why} on {slide.path}", err=True)
-                return backend.read_regions_torch(xy, level, size, size, self.device, workers)
-            self.decode_note = f"GPU (cuCIM): {why}"
-        return backend.read_regions_torch(xy, level, size, size, self.device, workers)
-
-    def _check_gpu_decode(self, slide: Slide, xy: np.ndarray, level: int, size: int,
-                          workers: int) -> tuple[bool, bool, str]:
-        """(GPU decoding is right, it is the faster, why). --decode auto: a trial in a child process;
-        --decode gpu: the same comparison in this process, and GPU decoding whatever the speed."""
-        from .slides import gpu_probe
-
-        if self.decode_mode == "auto":
-            res = gpu_probe.probe(slide.path, xy, level, size, workers, str(self.device))
-        else:
-            try:
-                res = gpu_probe.trial(slide.backend, xy, level, size, self.device, workers)
-            except GigasslError as err:
-                res = {"ok": False, "why": str(err)}
-        if not res["ok"]:
-            return False, False, res.get("why") or (f"GPU and CPU decoding differ by {res['mean_abs_diff']:.2f} grey "
-                                                    "levels on average")
-        gpu, cpu = res["gpu_tiles_per_s"], res["cpu_tiles_per_s"]
-        rates = f"{gpu:,.0f} tiles/s on the GPU, {cpu:,.0f} on {workers} CPU threads in a trial"
-        if self.decode_mode == "gpu":
-            return True, True, f"--decode gpu; matched CPU decoding (mean |diff| {res['mean_abs_diff']:.2f}; {rates})"
-        if gpu <= cpu:
-            return True, False, f"faster than cuCIM GPU decoding ({rates})"
-        return True, True, f"matched CPU decoding (mean |diff| {res['mean_abs_diff']:.2f}) and faster ({rates})"
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """float (B, 3, S, S) in [0, 1] on the device -> float32 (B, D) on the CPU."""
-        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            feats = self.model(x).float().cpu()
-        if self.pca is not None:
-            from .pca import project
-
-            feats = torch.from_numpy(project(feats.numpy(), self.pca))
-        return feats
-
-
-def _fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """The encoder with each batch norm folded into the convolution before it (inference only): one
-    pass over the activations fewer per layer, 10-20% faster for resnet18-l3 on a 2-core CPU, same
-    outputs to about 1e-7. An encoder that knows its own layout folds itself (``fold_batch_norms``);
-    others go through torch.fx, and those it cannot trace are returned unchanged."""
-    if hasattr(model, "fold_batch_norms"):
-        return model.eval().fold_batch_norms()
-    import warnings
-
-    with warnings.catch_warnings():  # the module imports torch.jit.script_method, deprecated in torch 2.13
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torch.fx.experimental.optimization import fuse
-    try:
-        return fuse(model.eval())
-    except Exception:  # not traceable: keep the model as it is
-        return model
+    def tile_encoder(self) -> TileEncoder:
+        return TileEncoder(self.encoder, self.weights, self.resolved_device(), self.precision, self.pca)
 
 
 def features_path(out_dir: str, slide_id: str) -> str:
@@ -231,63 +130,56 @@ def _to_float(tiles_u8: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
-def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc: TileEncoder,
-                 slide_id: str, timings: dict) -> dict:
+def encode_slide(grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc: TileEncoder, slide_id: str,
+                 batches: Iterator[Batch], timings: dict) -> dict:
     """Features of one slide (see the module docstring); returns the arrays to write.
 
-    Tiles with corrupt image data raise one CorruptTilesError naming every such tile of the slide: once
-    the first is found, the rest of the slide is only decoded, to find the others."""
+    `batches`: the slide's tiles at `coords`, decoded in batches of the run's batch size (see
+    ``TileDecoder.batches``). Tiles with corrupt image data raise one CorruptTilesError naming every such
+    tile of the slide: once the first is found, the rest of the slide is only decoded, to find the others.
+    On a GPU nothing waits for the device until the slide's features are copied back at the end."""
     n = len(coords)
     tile = int(grid_attrs["tile_size"])
     size = enc.config.input_size
+    bs = params.resolved_batch_size()
+    dev = enc.device
     gen = torch.Generator().manual_seed(slide_seed(params.seed, slide_id))
     indices = torch.randint(0, max(n, 1), (params.naug, params.nt), generator=gen, dtype=torch.int64)
     needed = np.unique(indices.numpy()) if n else np.zeros(0, np.int64)
     # Tiles the augmented batches draw from, kept where the encoder runs: on a GPU, decoded tiles never
     # travel back to the host.
-    pool = torch.empty((len(needed), tile, tile, 3), dtype=torch.uint8, device=enc.device)
+    pool = torch.empty((len(needed), tile, tile, 3), dtype=torch.uint8, device=dev)
     slot = np.full(max(n, 1), -1, np.int64)
     slot[needed] = np.arange(len(needed))
-    features = np.empty((n, enc.out_dim), np.float16)
-    level, read = int(grid_attrs["read_level"]), int(grid_attrs["read_tile_size"])
-    chunks = [(start, min(n, start + params.batch_size)) for start in range(0, n, params.batch_size)]
-
-    def decode(chunk: tuple[int, int]) -> tuple[torch.Tensor, float]:
-        t = time.perf_counter()
-        # a GPU decoding trial reads the first few chunks (several cuCIM batches, as the run will)
-        tiles = enc.decode(slide, coords[chunk[0]:chunk[1]], level, read, params.workers,
-                           trial=coords[:4 * params.batch_size])
-        return tiles, time.perf_counter() - t
-
-    # The next chunk is decoded while this one is encoded.
+    features = torch.empty((n, enc.out_dim), dtype=torch.float16, device=dev)
     corrupt: list[CorruptTilesError] = []
-    with ThreadPoolExecutor(max_workers=1) as pool_exec:
-        pending = pool_exec.submit(decode, chunks[0]) if chunks else None
-        for i, (start, stop) in enumerate(chunks):
-            try:
-                raw, seconds = pending.result()
-            except CorruptTilesError as err:
-                corrupt.append(err)
-            if i + 1 < len(chunks):
-                pending = pool_exec.submit(decode, chunks[i + 1])
-            if corrupt:
-                continue
-            timings["read"] += seconds
+    start = 0
+    t_read = time.perf_counter()
+    for raw, err in batches:
+        stop = min(n, start + bs)
+        if err is not None:
+            corrupt.append(err)
+        if not corrupt:
+            timings["read"] += time.perf_counter() - t_read
             x = _to_float(raw, tile)
             keep = slot[start:stop] >= 0
             if keep.any():
-                sel = torch.from_numpy(np.flatnonzero(keep)).to(x.device)
-                into = torch.from_numpy(slot[start:stop][keep]).to(x.device)
+                sel = torch.from_numpy(np.flatnonzero(keep)).to(dev)
+                into = torch.from_numpy(slot[start:stop][keep]).to(dev)
                 pool[into] = raw.index_select(0, sel) if raw.shape[1] == tile else \
                     (x.index_select(0, sel) * 255).round().byte().permute(0, 2, 3, 1)
             t = time.perf_counter()
             features[start:stop] = enc(x if tile == size else F.interpolate(
-                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).numpy()
+                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).half()
             timings["encode"] += time.perf_counter() - t
+        start = stop
+        t_read = time.perf_counter()
     if corrupt:
-        raise CorruptTilesError(slide.path, [p for e in corrupt for p in e.positions], corrupt[0].level,
+        raise CorruptTilesError(corrupt[0].path, [p for e in corrupt for p in e.positions], corrupt[0].level,
                                 corrupt[0].detail)
-    aug_features = np.empty((params.naug if n else 0, params.nt, enc.out_dim), np.float16)
+    if start != n:
+        raise GigasslError(f"{slide_id}: {start} of {n} tiles were decoded (please report this)")
+    aug_features = torch.empty((params.naug if n else 0, params.nt, enc.out_dim), dtype=torch.float16, device=dev)
     aug_params = np.empty((params.naug if n else 0, len(PARAM_COLUMNS)), np.float32)
     for a in range(aug_features.shape[0]):
         p = draw_params(gen, tile)
@@ -295,19 +187,19 @@ def encode_slide(slide: Slide, grid_attrs: dict, coords: np.ndarray, params: Enc
         # A tile drawn twice into one batch gets the same augmentation, hence the same features: encode
         # each distinct tile of the batch once (saves much on slides with fewer tiles than Nt).
         unique, inverse = np.unique(slot[indices[a].numpy()], return_inverse=True)
-        feats = np.empty((len(unique), enc.out_dim), np.float32)
-        for start in range(0, len(unique), params.batch_size):
+        feats = torch.empty((len(unique), enc.out_dim), dtype=torch.float32, device=dev)
+        for b in range(0, len(unique), bs):
             t = time.perf_counter()
-            batch = _to_float(pool[torch.from_numpy(unique[start:start + params.batch_size]).to(enc.device)], tile)
+            batch = _to_float(pool[torch.from_numpy(unique[b:b + bs]).to(dev)], tile)
             batch = augment(batch, p, size)
             timings["augment"] += time.perf_counter() - t
             t = time.perf_counter()
-            feats[start:start + params.batch_size] = enc(batch).numpy()
+            feats[b:b + bs] = enc(batch)
             timings["encode"] += time.perf_counter() - t
-        aug_features[a] = feats[inverse]
-    return {"coords": coords.astype(np.int64), "features": features,
+        aug_features[a] = feats[torch.from_numpy(inverse).to(dev)].half()
+    return {"coords": coords.astype(np.int64), "features": features.cpu().numpy(),
             "indices": indices.numpy().astype(np.int32) if n else np.zeros((0, params.nt), np.int32),
-            "aug_features": aug_features, "aug_params": aug_params}
+            "aug_features": aug_features.cpu().numpy(), "aug_params": aug_params}
 
 
 def write_features(path: str, arrays: dict, attrs: dict) -> None:
@@ -336,66 +228,163 @@ def read_features(path: str) -> dict:
         raise GigasslError(f"{path}: not a readable feature file ({err}); rerun `gigassl-fast encode`") from None
 
 
-def encode_one(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileEncoder, reader: str,
-               overwrite: bool, timings: dict) -> SlideRecord:
-    start = time.time()
-    path = features_path(out_dir, entry.slide_id)
+@dataclass
+class _Job:
+    """One slide of the cohort pipeline, from its preparation (decode thread) to its written file."""
+
+    entry: SlideEntry
+    path: str
+    start: float = field(default_factory=time.time)
+    record: SlideRecord | None = None  # settled without encoding: reused, locked, or failed before decoding
+    hold: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the slide's lock and handle
+    slide: Slide | None = None
+    coords: np.ndarray | None = None
+    attrs: dict = field(default_factory=dict)
+    decode: str = ""
+
+    def settle(self, status: str, n: int = 0, message: str = "", corrupt: list | None = None) -> SlideRecord:
+        return SlideRecord(self.entry.slide_id, self.entry.path, status, n, time.time() - self.start, message,
+                           corrupt_tiles=corrupt or [], decode=self.decode)
+
+    def release(self) -> None:
+        self.hold.close()
+
+
+_END = object()  # the last item of a slide's batches in the pipeline
+
+
+@dataclass
+class _Failed:
+    """A slide whose decoding stopped with an error other than corrupt tiles."""
+
+    error: BaseException
+
+
+def _prepare(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileEncoder, decoder: TileDecoder,
+             reader: str, overwrite: bool) -> _Job:
+    """The slide's lock, tile grid and open handle, or a record settling it without encoding."""
+    job = _Job(entry, features_path(out_dir, entry.slide_id))
     key = reuse_key(entry, params, enc.checksum, enc.precision)
-    if os.path.exists(path) and not overwrite and is_complete(path, key):
-        with h5py.File(path, "r") as fh:
+    if os.path.exists(job.path) and not overwrite and is_complete(job.path, key):
+        with h5py.File(job.path, "r") as fh:
             n = int(fh["coords"].shape[0])
             dropped = fh["corrupt_coords"][:].tolist() if "corrupt_coords" in fh else []
         # a file that left out corrupt tiles serves --on-corrupt-tile skip only; fail redoes (and fails) it
         if not dropped or params.on_corrupt_tile == "skip":
             note = f"up to date; {len(dropped)} tiles with corrupt image data left out" if dropped else "up to date"
-            return SlideRecord(entry.slide_id, entry.path, "skipped", n, time.time() - start, note,
-                               corrupt_tiles=dropped)
-    if os.path.exists(path) and not overwrite and not is_complete(path, key) and is_complete(path, {}):
-        return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start,
-                           f"{path} exists with other parameters; pass --overwrite to replace it")
-    with slide_lock(path + ".lock") as mine:
-        if not mine:
-            return SlideRecord(entry.slide_id, entry.path, "locked", 0, time.time() - start,
-                               f"being encoded by {lock_holder(path + '.lock')}")
+            job.record = job.settle("skipped", n, note, dropped)
+            return job
+    if os.path.exists(job.path) and not overwrite and not is_complete(job.path, key) and is_complete(job.path, {}):
+        job.record = job.settle("failed", message=f"{job.path} exists with other parameters; pass --overwrite to replace it")
+        return job
+    try:
+        if not job.hold.enter_context(slide_lock(job.path + ".lock")):
+            job.record = job.settle("locked", message=f"being encoded by {lock_holder(job.path + '.lock')}")
+            job.release()
+            return job
+        tile_rec = tile_one(entry, params.tiles, out_dir, reader, overwrite=False, qc=True)
+        if tile_rec.status in ("failed", "locked"):
+            job.record = job.settle(tile_rec.status, message=tile_rec.message)
+            job.release()
+            return job
+        grid = read_tile_file(tile_path(out_dir, entry.slide_id))
+        job.coords, job.attrs = grid.coords, {**grid.attrs, **key}
+        job.slide = job.hold.enter_context(Slide(entry.path, reader=reader, mpp=entry.mpp))
+        job.decode = decoder.path(job.slide, int(grid.attrs["read_level"]))
+    except Exception as err:  # one slide must never stop the cohort
+        job.record = job.settle("failed", message=_failure(entry, err))
+        job.release()
+    return job
+
+
+def _failure(entry: SlideEntry, err: BaseException) -> str:
+    if isinstance(err, GigasslError):
+        return str(err)
+    return f"{entry.path}: unexpected {type(err).__name__}: {err} (please report this)"
+
+
+def _decode_cohort(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str, enc: TileEncoder,
+                   decoder: TileDecoder, reader: str, overwrite: bool, timings: dict) -> Iterator:
+    """The producer of the cohort pipeline: per slide a _Job, then (unless settled) its decoded batches,
+    then _END."""
+    bs = params.resolved_batch_size()
+    for entry in entries:
+        job = _prepare(entry, params, out_dir, enc, decoder, reader, overwrite)
+        yield job
+        if job.record is not None:
+            continue
+        level, read = int(job.attrs["read_level"]), int(job.attrs["read_tile_size"])
         try:
-            tile_rec = tile_one(entry, params.tiles, out_dir, reader, overwrite=False, qc=True)
-            if tile_rec.status in ("failed", "locked"):
-                return SlideRecord(entry.slide_id, entry.path, tile_rec.status, 0, time.time() - start, tile_rec.message)
-            grid = read_tile_file(tile_path(out_dir, entry.slide_id))
-            coords, dropped = grid.coords, np.zeros((0, 2), np.int64)
-            with Slide(entry.path, reader=reader, mpp=entry.mpp) as slide:
-                try:
-                    arrays = encode_slide(slide, grid.attrs, coords, params, enc, entry.slide_id, timings)
-                except CorruptTilesError as err:
-                    if params.on_corrupt_tile != "skip":
-                        raise GigasslError(f"{err}; pass --on-corrupt-tile skip to drop such tiles") from None
-                    # every corrupt tile of the slide is named at once, so one more pass without them
-                    dropped = np.array(sorted(set(err.positions)), np.int64).reshape(-1, 2)
-                    keep = ~(coords[:, None, :] == dropped[None]).all(-1).any(1)
-                    if not keep.any():
-                        raise GigasslError(f"{err}; every tile of the slide is corrupt") from None
-                    coords = coords[keep]
-                    arrays = encode_slide(slide, grid.attrs, coords, params, enc, entry.slide_id, timings)
-            arrays["corrupt_coords"] = dropped
-            attrs = {**grid.attrs, **key, "format": FORMAT, "version": __version__, "out_dim": enc.out_dim, "pca": params.pca,
-                     "input_size": enc.config.input_size, "device": str(enc.device), "compute_precision": enc.precision,
-                     "aug_param_columns": list(PARAM_COLUMNS), "n_corrupt_tiles": len(dropped)}
-            write_features(path, arrays, attrs)
-        except GigasslError as err:
-            return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start, str(err))
-        except Exception as err:  # one slide must never stop the cohort; the message keeps the cause
-            return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start,
-                               f"{entry.path}: unexpected {type(err).__name__}: {err} (please report this)")
+            t = time.perf_counter()
+            for item in decoder.batches(job.slide, job.coords, level, read, bs, params.workers):
+                timings["read"] += time.perf_counter() - t
+                yield item
+                t = time.perf_counter()
+        except Exception as err:
+            yield _Failed(err)
+        yield _END
+
+
+def _job_batches(items: Iterator) -> Iterator[Batch]:
+    """The current slide's batches from the pipeline, up to its _END (consumed even when not used)."""
+    for item in items:
+        if item is _END:
+            return
+        if isinstance(item, _Failed):
+            for rest in items:  # keep the pipeline aligned on the next slide
+                if rest is _END:
+                    break
+            raise item.error
+        yield item
+
+
+def _item_bytes(item: object) -> int:
+    tiles = item[0] if isinstance(item, tuple) else None
+    return tiles.numel() * tiles.element_size() if isinstance(tiles, torch.Tensor) else 0
+
+
+def _encode_job(job: _Job, items: Iterator, params: EncodeParams, enc: TileEncoder, decoder: TileDecoder,
+                timings: dict) -> tuple[dict, np.ndarray]:
+    """The arrays of one slide and the level-0 positions of the tiles left out for corrupt data."""
+    batches = _job_batches(items)
+    dropped = np.zeros((0, 2), np.int64)
+    try:
+        arrays = encode_slide(job.attrs, job.coords, params, enc, job.entry.slide_id, batches, timings)
+    except CorruptTilesError as err:
+        if params.on_corrupt_tile != "skip":
+            raise GigasslError(f"{err}; pass --on-corrupt-tile skip to drop such tiles") from None
+        # every corrupt tile of the slide is named at once, so one more pass without them
+        dropped = np.array(sorted(set(err.positions)), np.int64).reshape(-1, 2)
+        keep = ~(job.coords[:, None, :] == dropped[None]).all(-1).any(1)
+        if not keep.any():
+            raise GigasslError(f"{err}; every tile of the slide is corrupt") from None
+        level, read = int(job.attrs["read_level"]), int(job.attrs["read_tile_size"])
+        again = decoder.batches(job.slide, job.coords[keep], level, read, params.resolved_batch_size(),
+                                params.workers)
+        arrays = encode_slide(job.attrs, job.coords[keep], params, enc, job.entry.slide_id, again, timings)
+    finally:
+        for _ in batches:  # an error mid-slide: skip the rest of its batches
+            pass
+    arrays["corrupt_coords"] = dropped
+    return arrays, dropped
+
+
+def _written(job: _Job, future, arrays: dict, dropped: np.ndarray) -> SlideRecord:
+    """The slide's record once its feature file is written (or failed to be)."""
+    try:
+        future.result()
+    except Exception as err:
+        return job.settle("failed", message=_failure(job.entry, err))
+    finally:
+        job.release()
     n = len(arrays["coords"])
     if n == 0:
-        return SlideRecord(entry.slide_id, entry.path, "empty", 0, time.time() - start,
-                           "no tissue tiles: feature file written with 0 tiles")
+        return job.settle("empty", 0, "no tissue tiles: feature file written with 0 tiles")
     if len(dropped):
         x, y = dropped[0]
-        return SlideRecord(entry.slide_id, entry.path, "done", n, time.time() - start,
-                           f"{len(dropped)} tiles with corrupt image data left out, e.g. at level-0 ({x}, {y})",
-                           corrupt_tiles=dropped.tolist())
-    return SlideRecord(entry.slide_id, entry.path, "done", n, time.time() - start)
+        return job.settle("done", n, f"{len(dropped)} tiles with corrupt image data left out, e.g. at level-0 "
+                                     f"({x}, {y})", dropped.tolist())
+    return job.settle("done", n)
 
 
 def distributed_share(entries: Sequence[SlideEntry]) -> tuple[list[SlideEntry], str | None]:
@@ -409,24 +398,66 @@ def distributed_share(entries: Sequence[SlideEntry]) -> tuple[list[SlideEntry], 
 
 def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str, reader: str = "auto",
                overwrite: bool = False, summary_name: str = "encode_summary.json") -> RunSummary:
-    """Encodes a cohort; one bad slide is recorded and the run goes on."""
+    """Encodes a cohort; one bad slide is recorded and the run goes on.
+
+    A pipeline: a thread prepares the next slides (tiling when needed) and decodes their tiles, up to
+    ``prefetch_mb`` of decoded tiles ahead, while this thread encodes; a writer thread writes each feature
+    file (atomically) while the next slide is encoded."""
     entries, rank_device = distributed_share(entries)
     if rank_device and params.device == "auto":
         params = EncodeParams(**{**asdict(params), "tiles": params.tiles, "device": rank_device})
     params.validate()
-    enc = TileEncoder(params)
+    enc = params.tile_encoder()
+    decoder = TileDecoder(enc.device, params.decode)
     config = {"out": os.path.abspath(out_dir), "reader": reader, **asdict(params), "device": str(enc.device),
-              "weights_checksum": enc.checksum}
+              "batch_size": params.resolved_batch_size(), "weights_checksum": enc.checksum}
     summary = RunSummary("encode", config)
-    timings = {"read": 0.0, "augment": 0.0, "encode": 0.0}
+    timings = {"read": 0.0, "augment": 0.0, "encode": 0.0, "wait": 0.0}
     progress = Progress(len(entries), "encode")
-    for entry in entries:
-        record = encode_one(entry, params, out_dir, enc, reader, overwrite, timings)
+
+    def add(record: SlideRecord) -> None:
         summary.add(record)
         progress.update(record)
+
+    source = _decode_cohort(entries, params, out_dir, enc, decoder, reader, overwrite, timings)
+    pending = None  # the slide being written: (job, future, arrays, dropped)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigassl-writer") as writer, \
+            Prefetch(source, params.prefetch_mb << 20, _item_bytes,
+                     on_drop=lambda item: item.release() if isinstance(item, _Job) else None) as items:
+        while True:
+            t = time.perf_counter()
+            job = next(items, None)
+            timings["wait"] += time.perf_counter() - t
+            if job is None:
+                break
+            if job.record is not None:
+                if pending:
+                    add(_written(*pending))
+                    pending = None
+                add(job.record)
+                continue
+            try:
+                arrays, dropped = _encode_job(job, items, params, enc, decoder, timings)
+            except Exception as err:
+                job.release()
+                if pending:
+                    add(_written(*pending))
+                    pending = None
+                add(job.settle("failed", message=_failure(job.entry, err)))
+                continue
+            job.slide.close()
+            attrs = {**job.attrs, "format": FORMAT, "version": __version__, "out_dim": enc.out_dim,
+                     "pca": params.pca, "input_size": enc.config.input_size, "device": str(enc.device),
+                     "compute_precision": enc.precision, "aug_param_columns": list(PARAM_COLUMNS),
+                     "n_corrupt_tiles": len(dropped)}
+            if pending:
+                add(_written(*pending))
+            pending = (job, writer.submit(write_features, job.path, arrays, attrs), arrays, dropped)
+        if pending:
+            add(_written(*pending))
     done_tiles = sum(r.n_tiles for r in summary.records if r.status == "done")
     aug_tiles = params.naug * params.nt * sum(1 for r in summary.records if r.status == "done")
-    summary.config["decode"] = enc.decode_note
+    summary.config["decode"] = decoder.note
     summary.config["throughput"] = {
         "read_tiles_per_s": done_tiles / timings["read"] if timings["read"] else None,
         "augment_tiles_per_s": aug_tiles / timings["augment"] if timings["augment"] else None,

@@ -35,6 +35,8 @@ class SlideRecord:
     message: str = ""
     #: level-0 (x, y) of tiles dropped for corrupt image data (encode --on-corrupt-tile skip)
     corrupt_tiles: list = field(default_factory=list)
+    #: who decoded the slide's tiles and why (encode)
+    decode: str = ""
 
 
 @dataclass

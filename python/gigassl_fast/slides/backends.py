@@ -411,10 +411,10 @@ class TiffSlideBackend(SlideBackend):
             raise SlideError(path, f"tiffslide cannot open it ({type(err).__name__}: {_first_line(err)})") from None
         self._mpp = plausible_mpp(float(mpp)) if mpp is not None else mpp_from_tiff_tags(path)
         # imagecodecs decodes damaged JPEG data into garbage without a word: tiles are checked strictly
-        from .jpeg_tiles import JpegTiles
+        from .jpeg_engine import JpegTileEngine
 
         try:
-            self._jpeg = JpegTiles(path)
+            self._jpeg = JpegTileEngine(path)
         except Exception:  # not readable by tifffile: nothing to check against
             self._jpeg = None
 
@@ -437,9 +437,9 @@ class TiffSlideBackend(SlideBackend):
         except Exception as err:  # decode errors surface as many exception types
             raise CorruptTilesError(self.path, [(x, y)], level, f"tiffslide: {_first_line(err)}") from None
         size = self._dims[level]
-        if self._jpeg is not None and self._jpeg.covers(size):
+        if self._jpeg is not None and self._jpeg.level(size) is not None:
             ds = self._ds[level]
-            problem = self._jpeg.problem(size, int(x / ds), int(y / ds), int(width), int(height))
+            problem = self._jpeg.first_problem(size, int(x / ds), int(y / ds), int(width), int(height))
             if problem:
                 raise CorruptTilesError(self.path, [(x, y)], level, problem)
         return _rgb(region, self.path)

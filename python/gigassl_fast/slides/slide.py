@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import SlideError
 from .backends import CorruptTilesError, SlideBackend, open_backend
+from .jpeg_engine import JpegTileEngine, RegionPass, level_positions
+
+if TYPE_CHECKING:
+    import torch
+
+#: File types the JPEG tile engine is tried on (TIFF containers).
+_ENGINE_EXTS = {".svs", ".tif", ".tiff"}
+
+#: Name of the decoding path of the JPEG tile engine, in run summaries and `info`.
+ENGINE = "libjpeg-turbo engine"
 
 #: A level counts as "finer" than a target resolution up to this relative slack, so a 0.2502 mpp
 #: level still serves a 0.25 mpp request.
@@ -28,7 +40,8 @@ class Slide:
     Args:
         path: slide file.
         reader: ``"auto"`` (by file type: cuCIM for SVS/tiled TIFF, tiffslide for strip TIFF,
-            OpenSlide for the rest) or a backend name (``cucim``, ``openslide``, ``tiffslide``).
+            OpenSlide for the rest; batched region reads of JPEG-tiled TIFF levels through the JPEG tile
+            engine) or a backend name (``cucim``, ``openslide``, ``tiffslide``) for every read.
         mpp: level-0 microns per pixel, overriding the file's metadata (``--slide-mpp``).
     """
 
@@ -37,6 +50,8 @@ class Slide:
         self.reader = reader
         self.mpp_override = mpp
         self._backend: SlideBackend | None = None
+        self._engine: JpegTileEngine | None = None
+        self._engine_why: str | None = None  # why there is no engine, once tried
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -52,6 +67,35 @@ class Slide:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+            self._engine_why = None
+
+    @property
+    def engine(self) -> JpegTileEngine | None:
+        """The JPEG tile engine over this file, or None (see `decode_path` for why)."""
+        if self._engine is None and self._engine_why is None:
+            if self.reader != "auto":
+                self._engine_why = f"--reader {self.reader}"
+            elif os.path.splitext(self.path)[1].lower() not in _ENGINE_EXTS:
+                self._engine_why = "not a TIFF container"
+            else:
+                try:
+                    self._engine = JpegTileEngine(self.path)
+                except Exception as err:  # tifffile cannot parse it: the backends' readers decide
+                    self._engine_why = f"tifffile cannot parse it ({type(err).__name__})"
+        return self._engine
+
+    def decode_path(self, level: int) -> tuple[str, str]:
+        """(who decodes batched reads at `level`, why): the JPEG tile engine or the backend's library."""
+        engine = self.engine
+        if engine is None:
+            return self.backend_name, self._engine_why or ""
+        size = self.level_dimensions[level]
+        if engine.level(size) is None:
+            return self.backend_name, f"level {level}: {engine.why_not(size)}"
+        return ENGINE, f"level {level}: JPEG tiles of {engine.level(size).tile_width} px"
 
     def __enter__(self) -> Slide:
         return self
@@ -115,6 +159,60 @@ class Slide:
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """uint8 (height, width, 3) at `level`, top-left at level-0 (x, y)."""
         return self.backend.read_region(x, y, level, width, height)
+
+    def read_regions(self, xy: np.ndarray, level: int, width: int, height: int,
+                     num_workers: int = 1) -> np.ndarray:
+        """uint8 (N, height, width, 3): one region per level-0 top-left (x, y) in `xy` (N, 2), at `level`,
+        decoded on `num_workers` threads. Regions whose image data is corrupt raise one CorruptTilesError
+        naming all of them."""
+        xy = np.asarray(xy, np.int64).reshape(-1, 2)
+        out = np.empty((len(xy), height, width, 3), np.uint8)
+        corrupt: list[CorruptTilesError] = []
+        start = 0
+        for batch, err in self.region_batches(xy, level, width, height, max(1, len(xy)), num_workers):
+            if batch is not None:
+                out[start:start + len(batch)] = batch
+            if err is not None:
+                corrupt.append(err)
+            start += len(batch) if batch is not None else 0
+        if corrupt:
+            raise CorruptTilesError(self.path, [p for e in corrupt for p in e.positions], level, corrupt[0].detail)
+        return out
+
+    def region_batches(self, xy: np.ndarray, level: int, width: int, height: int, batch_size: int,
+                       num_workers: int = 1) -> Iterator[tuple[np.ndarray | None, CorruptTilesError | None]]:
+        """The regions of `read_regions` in batches of `batch_size`, in order, each compressed tile decoded
+        once over the whole pass where the JPEG tile engine serves the level. Yields (regions, None) or,
+        for a batch with corrupt image data, (regions or None, the error naming its damaged regions);
+        the pixels of damaged regions are undefined."""
+        xy = np.asarray(xy, np.int64).reshape(-1, 2)
+        engine = self.engine
+        lv = engine.level(self.level_dimensions[level]) if engine is not None else None
+        if lv is None:
+            for start in range(0, len(xy), batch_size):
+                try:
+                    yield self.backend.read_regions(xy[start:start + batch_size], level, width, height,
+                                                    num_workers), None
+                except CorruptTilesError as err:
+                    yield None, err
+            return
+        regions = RegionPass(engine, lv, level_positions(xy, self.level_downsamples[level]), width, height)
+        for start in range(0, len(xy), batch_size):
+            stop = min(len(xy), start + batch_size)
+            batch, bad = regions.read(start, stop, num_workers)
+            err = None
+            if bad:
+                first = next(iter(bad.values()))
+                err = CorruptTilesError(self.path, [tuple(xy[i]) for i in bad], level, first)
+            yield batch, err
+
+    def read_regions_torch(self, xy: np.ndarray, level: int, width: int, height: int, device: torch.device,
+                           num_workers: int = 1) -> torch.Tensor:
+        """`read_regions` as a uint8 tensor on `device` (decoded on the CPU, copied from pinned memory)."""
+        import torch
+
+        tiles = torch.from_numpy(self.read_regions(xy, level, width, height, num_workers))
+        return tiles if device.type == "cpu" else tiles.pin_memory().to(device, non_blocking=True)
 
     def thumbnail(self, target_mpp: float) -> np.ndarray:
         """uint8 (h, w, 3) RGB of the whole slide at `target_mpp` microns per pixel (area-averaged).
