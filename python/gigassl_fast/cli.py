@@ -379,11 +379,36 @@ def bench_cmd(stages, quick, out_dir, device) -> None:
 
 
 @cli.command()
-def info() -> None:
-    """Versions, devices, and the compute path each stage takes here."""
-    from .compute import report
+@click.argument("slides", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--reader", type=click.Choice(["auto", "cucim", "openslide", "tiffslide"]), default="auto",
+              show_default=True, help="Slide reader, as for tile and encode.")
+def info(slides, reader) -> None:
+    """Versions, devices, and the compute path each stage takes here.
 
-    click.echo(report())
+    With SLIDES: for each, the reader that opens it, its levels, and who decodes each level's tiles
+    (the JPEG tile engine or the reader) and why."""
+    if not slides:
+        from .compute import report
+
+        click.echo(report())
+        return
+    from .slides import Slide
+    from .slides.backends import SlideError
+
+    failed = 0
+    for path in slides:
+        try:
+            with Slide(path, reader=reader) as s:
+                mpp = f"{s.metadata_mpp:.4g} um/px" if s.metadata_mpp else "no resolution in the metadata"
+                click.echo(f"{path}: {s.backend_name}, {mpp}")
+                for level in range(s.level_count):
+                    (w, h), ds = s.level_dimensions[level], s.level_downsamples[level]
+                    who, why = s.decode_path(level)
+                    click.echo(f"  level {level}: {w} x {h}, downsample {ds:.4g}; {who}: {why.split(': ', 1)[-1]}")
+        except SlideError as err:
+            click.echo(f"error: {err}", err=True)
+            failed += 1
+    sys.exit(1 if failed else 0)
 
 
 @cli.command()

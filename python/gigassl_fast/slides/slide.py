@@ -79,7 +79,7 @@ class Slide:
             if self.reader != "auto":
                 self._engine_why = f"--reader {self.reader}"
             elif os.path.splitext(self.path)[1].lower() not in _ENGINE_EXTS:
-                self._engine_why = "not a TIFF container"
+                self._engine_why = "the engine reads SVS and TIFF files only"
             else:
                 try:
                     self._engine = JpegTileEngine(self.path)
