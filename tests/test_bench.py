@@ -206,7 +206,7 @@ def test_bench_quick_report(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {"cpu", "cores"} <= set(report["machine"])
-    assert list(report["stages"]) == ["tile", "encode", "train", "embed"]
+    assert list(report["stages"]) == ["tile", "decode", "encode", "train", "embed"]
     for stage in report["stages"].values():
         assert {"ours_s", "reference_s", "speedup", "unit_rate"} <= set(stage)
         assert stage["ours_s"] > 0 and stage["reference_s"] > 0

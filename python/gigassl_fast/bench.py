@@ -15,13 +15,14 @@ import time
 
 from .errors import GigasslError
 
-STAGES = ("tile", "encode", "train", "embed")
+STAGES = ("tile", "decode", "encode", "train", "embed")
 
 #: Settings per stage: (quick, full). Quick finishes the whole suite in about a minute on 2 cores; full is
 #: the work users have (a 4-slide cohort of 3,000-tile slides at 50 x 256, batches of 64 and 256) and
 #: takes about an hour on 2 cores.
 SETTINGS = {
     "tile": ({"sizes": [1024, 2048], "runs": 3}, {"sizes": [2048, 4096, 8192], "runs": 7}),
+    "decode": ({"tissue_tiles": 60, "runs": 1, "workdir": None}, {"tissue_tiles": 3000, "runs": 3, "workdir": None}),
     "encode": ({"quick": True, "slides": 2, "tissue_tiles": 60, "naug": 2, "nt": 16, "runs": 1, "ref_batches": 2,
                 "ref_workers": 2},
                {"slides": 4, "tissue_tiles": 3000, "naug": 50, "nt": 256, "runs": 1, "ref_batches": None,
@@ -52,20 +53,20 @@ def run_bench(stages: list[str], quick: bool, out_dir: str, log=print, device: s
                                "pip install kornia (the dev extra has it: make install), or leave encode out of --stages")
     if root not in sys.path:
         sys.path.insert(0, root)
-    from benchmarks import bench_embed, bench_encode, bench_tiling, bench_train
+    from benchmarks import bench_decode, bench_embed, bench_encode, bench_tiling, bench_train
     from benchmarks.common import machine
 
     report = {"machine": machine(), "quick": quick, "device": device, "stages": {}, "details": {}}
     for stage in stages:
         settings = dict(SETTINGS[stage][0 if quick else 1])
-        if stage != "tile":
+        if stage not in ("tile", "decode"):
             settings["device"] = device
         log(f"== {stage} {json.dumps(settings)}")
         t = time.time()
         if stage == "tile":
             out = bench_tiling.run(settings["sizes"], settings["runs"])
         else:
-            module = {"encode": bench_encode, "train": bench_train, "embed": bench_embed}[stage]
+            module = {"decode": bench_decode, "encode": bench_encode, "train": bench_train, "embed": bench_embed}[stage]
             out = module.run(argparse.Namespace(**settings, out=None))
         # the last of ours' rows is the largest setting, the one the stage summary reports
         ours = next((r for r in reversed(out["results"]) if r.get("name") == "ours"), {})

@@ -351,7 +351,7 @@ def probe_cmd(embeddings, labels, out_dir, folds, train_size, repeats, C, search
 
 
 @cli.command(name="bench")
-@click.option("--stages", default="tile,encode,train,embed", show_default=True, help="Comma-separated stages to time.")
+@click.option("--stages", default="tile,decode,encode,train,embed", show_default=True, help="Comma-separated stages to time.")
 @click.option("--quick", is_flag=True, help="Small settings: the whole suite in about a minute on 2 cores (full settings, "
               "a realistic 4-slide cohort at 50 x 256 among them, take about an hour there).")
 @click.option("--out", "out_dir", default="bench_out", show_default=True, type=click.Path(file_okay=False))

@@ -255,9 +255,12 @@ class RegionPass:
         self.c1 = np.where(inside, (xe - 1) // lv.tile_width + 1, 0)
         self.r0 = np.where(inside, ys // lv.tile_height, 0)
         self.r1 = np.where(inside, (ye - 1) // lv.tile_height + 1, 0)
+        cols = lv.cols
+        self._tiles = [[r * cols + c for r in range(r0, r1) for c in range(c0, c1)]
+                       for r0, r1, c0, c1 in zip(self.r0.tolist(), self.r1.tolist(), self.c0.tolist(), self.c1.tolist())]
         self._last_use: dict[int, int] = {}
-        for i in range(len(self.positions)):
-            for t in self.tiles_of(i):
+        for i, tiles in enumerate(self._tiles):
+            for t in tiles:
                 self._last_use[t] = i
         self._cache: dict[int, np.ndarray | None] = {}
         self._failed: dict[int, str] = {}
@@ -271,9 +274,8 @@ class RegionPass:
         return len(self._last_use)
 
     def tiles_of(self, i: int) -> list[int]:
-        cols = self.level.cols
-        return [r * cols + c for r in range(int(self.r0[i]), int(self.r1[i]))
-                for c in range(int(self.c0[i]), int(self.c1[i]))]
+        """Indices (row-major) of the source tiles region `i` touches."""
+        return self._tiles[i]
 
     def read(self, start: int, stop: int, num_workers: int = 1) -> tuple[np.ndarray, dict[int, str]]:
         """uint8 (stop - start, height, width, 3) for regions [start, stop), and the problem of each region
