@@ -122,6 +122,12 @@ def reuse_key(entry: SlideEntry, params: EncodeParams, checksum: str, compute_pr
             "compute_precision": compute_precision}
 
 
+def _to(device: torch.device, a: np.ndarray) -> torch.Tensor:
+    """A host index array on `device`; to a GPU through pinned memory, so that the host does not wait."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
 def _to_float(tiles_u8: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (B, s, s, 3) -> float (B, 3, size, size) in [0, 1], on the tensor's device."""
     x = tiles_u8.permute(0, 3, 1, 2).float().div_(255)
@@ -147,10 +153,12 @@ def encode_slide(grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc
     indices = torch.randint(0, max(n, 1), (params.naug, params.nt), generator=gen, dtype=torch.int64)
     needed = np.unique(indices.numpy()) if n else np.zeros(0, np.int64)
     # Tiles the augmented batches draw from, kept where the encoder runs: on a GPU, decoded tiles never
-    # travel back to the host.
-    pool = torch.empty((len(needed), tile, tile, 3), dtype=torch.uint8, device=dev)
-    slot = np.full(max(n, 1), -1, np.int64)
+    # travel back to the host. The last slot takes the tiles no batch draws, so that every decoded batch
+    # is copied in whole, without a mask (a mask's nonzero() waits for the device).
+    pool = torch.empty((len(needed) + 1, tile, tile, 3), dtype=torch.uint8, device=dev)
+    slot = np.full(max(n, 1), len(needed), np.int64)
     slot[needed] = np.arange(len(needed))
+    slot_dev = _to(dev, slot)
     features = torch.empty((n, enc.out_dim), dtype=torch.float16, device=dev)
     corrupt: list[CorruptTilesError] = []
     start = 0
@@ -162,12 +170,8 @@ def encode_slide(grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc
         if not corrupt:
             timings["read"] += time.perf_counter() - t_read
             x = _to_float(raw, tile)
-            keep = slot[start:stop] >= 0
-            if keep.any():
-                sel = torch.from_numpy(np.flatnonzero(keep)).to(dev)
-                into = torch.from_numpy(slot[start:stop][keep]).to(dev)
-                pool[into] = raw.index_select(0, sel) if raw.shape[1] == tile else \
-                    (x.index_select(0, sel) * 255).round().byte().permute(0, 2, 3, 1)
+            pool.index_copy_(0, slot_dev[start:stop], raw if raw.shape[1] == tile else
+                             (x * 255).round().byte().permute(0, 2, 3, 1))
             t = time.perf_counter()
             features[start:stop] = enc(x if tile == size else F.interpolate(
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).half()
@@ -187,16 +191,17 @@ def encode_slide(grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc
         # A tile drawn twice into one batch gets the same augmentation, hence the same features: encode
         # each distinct tile of the batch once (saves much on slides with fewer tiles than Nt).
         unique, inverse = np.unique(slot[indices[a].numpy()], return_inverse=True)
+        unique_dev = _to(dev, unique)
         feats = torch.empty((len(unique), enc.out_dim), dtype=torch.float32, device=dev)
         for b in range(0, len(unique), bs):
             t = time.perf_counter()
-            batch = _to_float(pool[torch.from_numpy(unique[b:b + bs]).to(dev)], tile)
+            batch = _to_float(pool[unique_dev[b:b + bs]], tile)
             batch = augment(batch, p, size)
             timings["augment"] += time.perf_counter() - t
             t = time.perf_counter()
             feats[b:b + bs] = enc(batch)
             timings["encode"] += time.perf_counter() - t
-        aug_features[a] = feats[torch.from_numpy(inverse).to(dev)].half()
+        aug_features[a] = feats[_to(dev, inverse)].half()
     return {"coords": coords.astype(np.int64), "features": features.cpu().numpy(),
             "indices": indices.numpy().astype(np.int32) if n else np.zeros((0, params.nt), np.int32),
             "aug_features": aug_features.cpu().numpy(), "aug_params": aug_params}
