@@ -45,7 +45,7 @@ OPENSLIDE_SAMPLE = 400
 
 
 def engine_pass(slide: Slide, xy: np.ndarray, level: int, size: int, workers: int) -> None:
-    for tiles, err in slide.region_batches(xy, level, size, size, BATCH, workers):
+    for _, err in slide.region_batches(xy, level, size, size, BATCH, workers):
         if err is not None:
             raise SystemExit(f"{slide.path}: {err}")
 
@@ -73,10 +73,29 @@ def raw_decode(streams: list[bytes], workers: int) -> None:
             list(pool.map(one, streams, chunksize=16))
 
 
+def timed_readers(s: Slide, xy: np.ndarray, level: int, size: int, streams: list[bytes], threads: list[int],
+                  runs: int):
+    """(reader_threads, timing, regions) for each reader and thread count."""
+    sample = xy[:OPENSLIDE_SAMPLE]
+    osl = OpenSlideBackend(s.path)
+    readers = [("engine", lambda w: engine_pass(s, xy, level, size, w), len(xy), threads),
+               ("cucim", lambda w: s.backend.read_regions(xy, level, size, size, w), len(xy), threads),
+               ("raw", lambda w: raw_decode(streams, w), len(xy), threads),
+               ("openslide", lambda w: [osl.read_region(int(x), int(y), level, size, size) for x, y in sample],
+                len(sample), [1])]
+    try:
+        for name, fn, count, ws in readers:
+            for w in ws:
+                yield f"{name}_{w}t", time_runs(lambda w=w, fn=fn: fn(w), runs=runs, warmup=1), count
+    finally:
+        osl.close()
+
+
 def run(args: argparse.Namespace) -> dict:
     cores = os.cpu_count() or 1
     threads = sorted({1, cores})
-    paths = realistic_cohort(getattr(args, "workdir", None) or "/tmp/gigassl_bench_workloads", 2, args.tissue_tiles, ("40x", "20x"))
+    workdir = getattr(args, "workdir", None) or "/tmp/gigassl_bench_workloads"
+    paths = realistic_cohort(workdir, 2, args.tissue_tiles, ("40x", "20x"))
     results = []
     for path in paths:
         kind = "40x" if "_40x_" in os.path.basename(path) else "20x"
@@ -89,23 +108,11 @@ def run(args: argparse.Namespace) -> dict:
             n = len(xy)
             row = {"slide": kind, "path": path, "regions": n, "source_tiles": len(streams), "level": level,
                    "region_px": size, "rates": {}, "timings": {}}
-            sample = xy[:OPENSLIDE_SAMPLE]
-            osl = OpenSlideBackend(path)
-            for name, fn, count, ws in [
-                ("engine", lambda w: engine_pass(s, xy, level, size, w), n, threads),
-                ("cucim", lambda w: s.backend.read_regions(xy, level, size, size, w), n, threads),
-                ("raw", lambda w: raw_decode(streams, w), n, threads),
-                ("openslide", lambda w: [osl.read_region(int(x), int(y), level, size, size) for x, y in sample],
-                 len(sample), [1]),
-            ]:
-                for w in ws:
-                    t = time_runs(lambda w=w, fn=fn: fn(w), runs=args.runs, warmup=1)
-                    key = f"{name}_{w}t"
-                    row["timings"][key] = t
-                    row["rates"][key] = count / t["median_s"]
-                    print(f"{kind} {key:<14} {count / t['median_s']:9.0f} regions/s  (median of {args.runs}, "
-                          f"{t['min_s']:.2f}-{t['max_s']:.2f} s)", flush=True)
-            osl.close()
+            for key, t, count in timed_readers(s, xy, level, size, streams, threads, args.runs):
+                row["timings"][key] = t
+                row["rates"][key] = count / t["median_s"]
+                print(f"{kind} {key:<14} {count / t['median_s']:9.0f} regions/s  (median of {args.runs}, "
+                      f"{t['min_s']:.2f}-{t['max_s']:.2f} s)", flush=True)
             r = row["rates"]
             row["ratios"] = {
                 "engine_vs_raw_1t": r["engine_1t"] / r["raw_1t"],
@@ -119,7 +126,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{kind} " + ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items()), flush=True)
             results.append(row)
     exact = results[0]
-    stage = {"ours_s": exact["timings"]["engine_1t"]["median_s"], "reference_s": exact["timings"]["cucim_1t"]["median_s"],
+    stage = {"ours_s": exact["timings"]["engine_1t"]["median_s"],
+             "reference_s": exact["timings"]["cucim_1t"]["median_s"],
              "speedup": exact["ratios"]["engine_vs_cucim_1t"],
              "unit_rate": {"case": "40x, level-exact, 1 thread", "regions_per_s": exact["rates"]["engine_1t"],
                            "fraction_of_raw_decoder": exact["ratios"]["engine_vs_raw_1t"]}}

@@ -39,7 +39,8 @@ from benchmarks.reference.encode import FullResNet18, extrapolated_seconds, orig
 from benchmarks.reference.tiling import reference_check_patch_grid, reference_otsu_gray_mask  # noqa: E402
 from benchmarks.workloads import realistic_cohort  # noqa: E402
 from gigassl_fast.cohort import collect_slides  # noqa: E402
-from gigassl_fast.encode import EncodeParams, features_path, run_encode  # noqa: E402
+from gigassl_fast.encode import EncodeParams, features_path  # noqa: E402
+from gigassl_fast.encode_pipeline import run_encode  # noqa: E402
 from gigassl_fast.encoders.inference import TileEncoder  # noqa: E402
 from gigassl_fast.tiling import TileParams, read_tile_file, tile_path  # noqa: E402
 

@@ -8,6 +8,9 @@ with a CUDA GPU through gpu_check.sh; each section reports and the script goes o
 Sections:
   decode    cuCIM GPU decoding against CPU decoding (mean |difference| in grey levels), and both rates, for
             each cuCIM plugin (cuslide: nvJPEG; cuslide2: nvImageCodec), request size and thread count
+  jpeg-engine  the JPEG tile engine's streams batch-decoded by nvImageCodec and gathered on the GPU
+            against the CPU engine (mean and largest |difference|), regions/s of both (CPU on every core);
+            the dry run puts a CPU stand-in for nvImageCodec behind the same pool and gather
   encode    resnet18-l3 bf16 on the GPU against fp32 on the CPU (relative error), augment and encode rates
   encode-cli  `gigassl-fast encode` on the GPU against the CPU on one slide (features, indices)
   kernels   each Triton kernel against its twin, forward and backward (relative error, median ms)
@@ -150,6 +153,83 @@ def decode_one(slide: str, n: int, workers: int) -> None:
                       "gpu_tiles_per_s": round(gpu_rate), f"cpu_{cores}_threads_tiles_per_s": round(cpu_rate)}))
 
 
+@section("jpeg-engine")
+def check_jpeg_engine(slide: str, n_tiles: int) -> dict:
+    from gigassl_fast.slides import Slide
+    from gigassl_fast.slides.gpu_jpeg import NvImageCodecDecode, nvimgcodec_status
+    from gigassl_fast.slides.jpeg_engine import level_positions
+    from gigassl_fast.tiling import TileParams, tile_slide
+
+    ok, why = (True, "dry run: a CPU stand-in") if DRY else nvimgcodec_status()
+    print(f"nvImageCodec: {ok} ({why})")
+    if not ok:
+        return {"ok": False, "why": why}
+    cores = os.cpu_count() or 1
+    out = {"why": why, "configs": []}
+    # the work slide (YCbCr 4:2:0, 256-px tiles), then the kinds of tile whose colour handling differs:
+    # RGB tiles marked only in the TIFF tag (Aperio), 4:4:4, shared tables, 240-px tiles
+    from gigassl_fast.synthetic import synthetic_tissue, write_jpeg_variant_pyramid
+
+    work = os.path.dirname(slide)
+    side = 1024 if DRY else 4096
+    variants = [("work slide", slide, n_tiles)]
+    for name, kw in [("rgb444-240-tables", {"tile": 240, "rgb": True, "subsampling": "444", "tables": True}),
+                     ("rgb420-256", {"tile": 256, "rgb": True}), ("ycbcr444-256", {"subsampling": "444"})]:
+        path = os.path.join(work, f"{name}.svs")
+        if not os.path.exists(path):
+            write_jpeg_variant_pyramid(path, synthetic_tissue(side, side, seed=4), **kw)
+        variants.append((name, path, n_tiles))
+    for name, path, n in variants:
+        with Slide(path) as s:
+            grid = tile_slide(s, TileParams(mpp=0.5, tile_size=224, min_tissue=0.0))
+            level, size = int(grid.attrs["read_level"]), int(grid.attrs["read_tile_size"])
+            xy = grid.coords[:n]
+            lv = s.engine.level(s.level_dimensions[level])
+            pos = level_positions(xy, s.level_downsamples[level])
+            decode = _stand_in_decoder(lv) if DRY else NvImageCodecDecode(DEV, lv.tile_width, lv.tile_height)
+            for batch in (64, 256) if name == "work slide" else (256,):
+                res = {"slide": name, **_compare_jpeg_paths(s, lv, pos, xy, level, size, batch, decode, cores)}
+                out["configs"].append(res)
+                print(json.dumps(res))
+    out["ok"] = all(c["ok"] for c in out["configs"])
+    return out
+
+
+def _compare_jpeg_paths(s, lv, pos, xy, level, size, batch, decode, cores) -> dict:
+    """The GPU path against the CPU engine at one batch size: pixels and rates."""
+    from gigassl_fast.slides.gpu_jpeg import DeviceRegionPass
+    from gigassl_fast.slides.jpeg_engine import RegionPass
+
+    def gpu_pass():
+        regions = DeviceRegionPass(RegionPass(s.engine, lv, pos, size, size), decode, DEV, batch)
+        return torch.cat([regions.read(i, min(len(xy), i + batch))[0] for i in range(0, len(xy), batch)])
+
+    def cpu_pass():
+        return np.concatenate([b for b, _ in s.region_batches(xy, level, size, size, batch, cores)])
+
+    gpu, cpu = gpu_pass(), cpu_pass()
+    diff = (gpu.cpu().int() - torch.from_numpy(cpu).int()).abs()
+    res = {"batch": batch, "regions": len(xy), "mean_abs_diff": round(float(diff.float().mean()), 3),
+           "max_abs_diff": int(diff.max()), "gpu_regions_per_s": round(len(xy) / timed(gpu_pass, 2)),
+           f"cpu_{cores}_threads_regions_per_s": round(len(xy) / timed(cpu_pass, 2))}
+    res["ok"] = res["mean_abs_diff"] <= 0.5 and res["max_abs_diff"] <= 8
+    return res
+
+
+def _stand_in_decoder(lv):
+    """libjpeg-turbo into a tensor, shaped as nvImageCodec's batch decode returns (dry run)."""
+    import simplejpeg
+
+    def decode(streams):
+        out = torch.full((len(streams), lv.tile_height, lv.tile_width, 3), 255, dtype=torch.uint8)
+        for k, data in enumerate(streams):
+            img = simplejpeg.decode_jpeg(data, colorspace="RGB")
+            out[k, :img.shape[0], :img.shape[1]] = torch.from_numpy(img)
+        return out, {}
+
+    return decode
+
+
 @section("encode")
 def check_encode(slide: str, weights: str) -> dict:
     from gigassl_fast.augment import augment, draw_params
@@ -183,29 +263,42 @@ def check_encode_cli(cohort: str, weights: str, tmp: str) -> dict:
     from gigassl_fast.encode import read_features
 
     first = sorted(os.listdir(cohort))[0]
-    runs = [("cpu", os.path.join(cohort, first))] + ([] if DRY else [("cuda", cohort)])
+    # (label, device, slides, --decode): the GPU run twice, JPEG tiles decoded on the CPU (auto) and by
+    # nvImageCodec on the GPU (gpu)
+    runs = [("cpu", "cpu", os.path.join(cohort, first), "auto")]
+    if not DRY:
+        runs += [("cuda", "cuda", cohort, "auto"), ("cuda-gpu-decode", "cuda", cohort, "gpu")]
     out, feats = {}, {}
-    for dev, src in runs:
-        dst = os.path.join(tmp, f"enc_{dev}")
+    for label, dev, src, decode in runs:
+        dst = os.path.join(tmp, f"enc_{label}")
         cmd = [sys.executable, "-m", "gigassl_fast", "encode", src, "--out", dst, "--encoder", "resnet18-l3",
-               "--weights", weights, "--naug", "4", "--nt", "64", "--mpp", "1.0", "--device", dev, "--batch-size", "256"]
+               "--weights", weights, "--naug", "4", "--nt", "64", "--mpp", "1.0", "--device", dev, "--decode", decode]
         t = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True)
-        print(f"encode --device {dev}: rc {r.returncode} in {time.time() - t:.1f} s\n{(r.stdout + r.stderr)[-1500:]}")
-        out[f"rc_{dev}"], out[f"seconds_{dev}"] = r.returncode, round(time.time() - t, 1)
+        print(f"encode {label}: rc {r.returncode} in {time.time() - t:.1f} s\n{(r.stdout + r.stderr)[-1500:]}")
+        out[f"rc_{label}"], out[f"seconds_{label}"] = r.returncode, round(time.time() - t, 1)
         if r.returncode:
             return {"ok": False, **out}
-        feats[dev] = read_features(os.path.join(dst, "features", os.path.splitext(first)[0] + ".h5"))
+        with open(os.path.join(dst, "encode_summary.json"), encoding="utf-8") as fh:
+            summary = json.load(fh)
+        out[f"decode_{label}"] = summary["config"].get("decode")
+        feats[label] = read_features(os.path.join(dst, "features", os.path.splitext(first)[0] + ".h5"))
     if DRY:
         return out
-    a, b = feats["cuda"], feats["cpu"]
-    same_idx = bool(np.array_equal(a["aug_indices"], b["aug_indices"]))
+    ok = True
+    for label in ("cuda", "cuda-gpu-decode"):
+        a, b = feats[label], feats["cpu"]
+        same_idx = bool(np.array_equal(a["aug_indices"], b["aug_indices"]))
 
-    def err(key):
-        return rel(torch.from_numpy(a[key].astype(np.float32)), torch.from_numpy(b[key].astype(np.float32)))
+        def err(key, a=a, b=b):
+            return rel(torch.from_numpy(a[key].astype(np.float32)), torch.from_numpy(b[key].astype(np.float32)))
 
-    out.update(same_indices=same_idx, rel_err_features=err("features"), rel_err_aug_features=err("aug_features"))
-    out["ok"] = same_idx and out["rel_err_features"] < 3e-2 and out["rel_err_aug_features"] < 3e-2
+        out[label] = {"same_indices": same_idx, "rel_err_features": err("features"),
+                      "rel_err_aug_features": err("aug_features")}
+        ok = ok and same_idx and out[label]["rel_err_features"] < 3e-2 and out[label]["rel_err_aug_features"] < 3e-2
+    # --decode gpu falls back to the CPU engine when its trial fails: that is a failure of this check
+    out["nvimgcodec_used"] = "nvImageCodec on the GPU (--decode gpu) for " in (out.get("decode_cuda-gpu-decode") or "")
+    out["ok"] = ok and out["nvimgcodec_used"]
     return out
 
 
@@ -395,7 +488,7 @@ def check_train(tmp: str) -> dict:
     return out
 
 
-SECTIONS = ("decode", "encode", "encode-cli", "kernels", "rules", "model", "train")
+SECTIONS = ("decode", "jpeg-engine", "encode", "encode-cli", "kernels", "rules", "model", "train")
 
 
 def prepare(work: str) -> None:
@@ -413,6 +506,7 @@ def prepare(work: str) -> None:
 def run_section(name: str, work: str, tiles: int) -> None:
     slide, weights = os.path.join(work, "gpu.tif"), os.path.join(work, "resnet18.pth")
     {"decode": lambda: check_decode(slide, 64 if DRY else tiles),
+     "jpeg-engine": lambda: check_jpeg_engine(slide, 64 if DRY else 4 * tiles),
      "encode": lambda: check_encode(slide, weights),
      "encode-cli": lambda: check_encode_cli(os.path.join(work, "cohort"), weights, work),
      "kernels": check_kernels, "rules": check_rules, "model": check_model,

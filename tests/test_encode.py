@@ -11,7 +11,8 @@ import pytest
 
 from conftest import SVS, cli
 from gigassl_fast.cohort import SlideEntry
-from gigassl_fast.encode import EncodeParams, features_path, read_features, run_encode
+from gigassl_fast.encode import EncodeParams, features_path, read_features
+from gigassl_fast.encode_pipeline import run_encode
 from gigassl_fast.h5files import is_complete
 from gigassl_fast.tiling import TileParams
 
@@ -179,7 +180,7 @@ def test_list_encoders_and_sample_svs(sample_dir, tmp_path):
 def test_full_disk_is_one_line_and_leaves_nothing(small_cohort, tmp_path, monkeypatch):
     import errno
 
-    import gigassl_fast.encode as encode_mod
+    import gigassl_fast.encode_pipeline as encode_mod
 
     real = encode_mod.write_features
 
@@ -198,3 +199,27 @@ def test_full_disk_is_one_line_and_leaves_nothing(small_cohort, tmp_path, monkey
     rec = summary.records[0]
     assert rec.status == "failed" and "No space left on device" in rec.message and "\n" not in rec.message
     assert not list((tmp_path / "features").glob("*.h5*"))
+
+
+def test_an_interrupt_mid_cohort_leaves_no_lock_and_no_partial_file(small_cohort, tmp_path, monkeypatch):
+    """Ctrl-C while the second slide is encoded (the third being prepared and decoded meanwhile): the
+    first slide's file is whole, no other feature file exists, and no slide stays locked."""
+    import gigassl_fast.encode_pipeline as pipeline
+
+    real, calls = pipeline.encode_slide, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[4])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "encode_slide", interrupted)
+    entries = [SlideEntry(f"s{i}", str(small_cohort / f"s{i}.tif")) for i in range(3)]
+    params = EncodeParams(naug=1, nt=4, tiles=TileParams(mpp=2.0))
+    with pytest.raises(KeyboardInterrupt):
+        run_encode(entries, params, str(tmp_path))
+    assert calls == ["s0", "s1"]
+    features = tmp_path / "features"
+    assert sorted(p.name for p in features.iterdir()) == ["s0.h5"]
+    assert is_complete(str(features / "s0.h5"), {})

@@ -8,94 +8,13 @@ import os
 
 import numpy as np
 import pytest
-from conftest import SVS, require_path
 
+from conftest import SVS, require_path
 from gigassl_fast.slides import CorruptTilesError, Slide
 from gigassl_fast.slides.jpeg_engine import RegionPass, level_positions
 from gigassl_fast.slides.slide import ENGINE
 from gigassl_fast.synthetic import aperio_description, synthetic_tissue
-
-
-def _segments(data: bytes) -> list[bytes]:
-    """A JPEG stream's marker segments after SOI; the last is SOS with the entropy-coded data and EOI."""
-    out, i = [], 2
-    while True:
-        if data[i:i + 2] == b"\xff\xda":
-            out.append(data[i:])
-            return out
-        n = int.from_bytes(data[i + 2:i + 4], "big")
-        out.append(data[i:i + 2 + n])
-        i += 2 + n
-
-
-def _numbered_components(seg: bytes, first_id_at: int, stride: int) -> bytes:
-    """SOF or SOS with component ids 'R', 'G', 'B' renumbered 1, 2, 3 (what libjpeg takes for YCbCr)."""
-    seg = bytearray(seg)
-    for k in range(3):
-        seg[first_id_at + k * stride] = k + 1
-    return bytes(seg)
-
-
-def encode_tile(tile: np.ndarray, rgb: bool, subsampling: str, quality: int = 90) -> bytes:
-    import imagecodecs
-
-    data = imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB",
-                                    outcolorspace="RGB" if rgb else "YCBCR", subsampling=subsampling)
-    if not rgb:
-        return data
-    # RGB tiles with nothing in the stream saying so: no Adobe marker, components numbered 1, 2, 3
-    segs = []
-    for seg in _segments(data):
-        if seg[:2] == b"\xff\xee":
-            continue
-        if seg[:2] == b"\xff\xc0":
-            seg = _numbered_components(seg, 10, 3)
-        if seg[:2] == b"\xff\xda":
-            seg = _numbered_components(seg, 5, 2)
-        segs.append(seg)
-    return b"\xff\xd8" + b"".join(segs)
-
-
-def split_tables(stream: bytes) -> tuple[bytes, bytes]:
-    """(tables-only stream, abbreviated stream), as TIFF's JPEGTables and a tile that relies on them."""
-    segs = _segments(stream)
-    tables = [s for s in segs if s[:2] in (b"\xff\xdb", b"\xff\xc4")]
-    rest = [s for s in segs if s[:2] not in (b"\xff\xdb", b"\xff\xc4")]
-    return b"\xff\xd8" + b"".join(tables) + b"\xff\xd9", b"\xff\xd8" + b"".join(rest)
-
-
-def write_jpeg_pyramid(path: str, image: np.ndarray, tile: int = 256, rgb: bool = False, subsampling: str = "420",
-                       tables: bool = False, mpp: float = 0.5) -> str:
-    """An Aperio-style pyramid (levels 4x apart) of JPEG tiles made here, so that every variant can be had."""
-    import tifffile
-    from PIL import Image
-
-    levels = [image]
-    while min(levels[-1].shape[:2]) >= 4 * tile:
-        h, w = levels[-1].shape[:2]
-        levels.append(np.asarray(Image.fromarray(levels[-1]).resize((w // 4, h // 4), Image.Resampling.BOX)))
-    with tifffile.TiffWriter(path) as tw:
-        for k, img in enumerate(levels):
-            h, w = img.shape[:2]
-            streams = []
-            for y in range(0, h, tile):
-                for x in range(0, w, tile):
-                    block = np.full((tile, tile, 3), 255, np.uint8)
-                    part = img[y:y + tile, x:x + tile]
-                    block[:part.shape[0], :part.shape[1]] = part
-                    streams.append(encode_tile(block, rgb, subsampling))
-            extratags = []
-            if tables:  # every tile is encoded with the same tables at one quality: keep the first's
-                shared, _ = split_tables(streams[0])
-                streams = [split_tables(s)[1] for s in streams]
-                extratags = [(347, 7, len(shared), shared, True)]
-            tw.write(iter(streams), shape=img.shape, dtype=np.uint8, tile=(tile, tile), compression="jpeg",
-                     photometric="rgb", subsampling=(1, 1) if subsampling == "444" else (2, 2), metadata=None,
-                     description=aperio_description(w, h, tile, 90, mpp) if k == 0 else None, extratags=extratags)
-    with tifffile.TiffFile(path, mode="r+b") as tf:  # tifffile writes YCbCr for JPEG whatever it is told
-        for page in tf.pages:
-            page.tags["PhotometricInterpretation"].overwrite(2 if rgb else 6)
-    return path
+from gigassl_fast.synthetic import write_jpeg_variant_pyramid as write_jpeg_pyramid
 
 
 VARIANTS = {
@@ -103,6 +22,7 @@ VARIANTS = {
     "ycbcr444-128-tables": {"tile": 128, "subsampling": "444", "tables": True},
     "rgb444-240-tables": {"tile": 240, "rgb": True, "subsampling": "444", "tables": True},
     "rgb420-256": {"tile": 256, "rgb": True},
+    "ycbcr420-128x256": {"tile": (128, 256)},  # tiles wider than high
 }
 
 
@@ -235,7 +155,8 @@ def test_formats_the_engine_does_not_decode_fall_back_with_the_reason(tmp_path):
 def test_engine_decodes_into_the_same_features_as_cucim(tmp_path, synthetic_slide):
     """encode through the engine and through cuCIM's reads: bit-identical features (the pixels are)."""
     from gigassl_fast.cohort import SlideEntry
-    from gigassl_fast.encode import EncodeParams, read_features, run_encode
+    from gigassl_fast.encode import EncodeParams, read_features
+    from gigassl_fast.encode_pipeline import run_encode
     from gigassl_fast.tiling import TileParams
 
     params = EncodeParams(naug=2, nt=8, tiles=TileParams(mpp=2.0, min_tissue=0.5))
@@ -262,3 +183,82 @@ def test_info_says_who_decodes_each_level_and_why(sample_dir):
     assert "  level 0: 1493 x 901, downsample 1; tiffslide: stored in strips, not tiles" in lines
     assert "  level 0: 3968 x 4864, downsample 1; openslide: the engine reads SVS and TIFF files only" in lines
     assert r.stderr.strip() == f"error: {os.path.join(sample_dir, 'missing.svs')}: no such file; check the path or the manifest"
+
+
+def _cpu_twin_decode(tile_width: int, tile_height: int):
+    """The GPU path's batch decoder, on the CPU: libjpeg-turbo into a tensor (what nvImageCodec returns)."""
+    import simplejpeg
+    import torch
+
+    def decode(streams):
+        out = torch.full((len(streams), tile_height, tile_width, 3), 255, dtype=torch.uint8)
+        failed = {}
+        for k, data in enumerate(streams):
+            try:
+                img = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+            except ValueError as err:
+                failed[k] = str(err)
+                continue
+            out[k, :img.shape[0], :img.shape[1]] = torch.from_numpy(img)
+        return out, failed
+
+    return decode
+
+
+def test_gpu_path_gathers_the_regions_the_cpu_engine_assembles(variant):
+    """The GPU path's slot pool and gather (torch ops only) with a CPU twin of nvImageCodec: the regions
+    are those of the CPU engine, bit for bit, with each tile decoded once and the pool sized for the peak."""
+    import torch
+
+    from gigassl_fast.slides.gpu_jpeg import DeviceRegionPass
+
+    with Slide(variant) as s:
+        for level in range(s.level_count):
+            size = min(200, *s.level_dimensions[level])
+            xy = positions(s, level, 70, size, seed=3)
+            lv = s.engine.level(s.level_dimensions[level])
+            pos = level_positions(xy, s.level_downsamples[level])
+            cpu = RegionPass(s.engine, lv, pos, size, size)
+            plan = RegionPass(s.engine, lv, pos, size, size)
+            gpu = DeviceRegionPass(plan, _cpu_twin_decode(lv.tile_width, lv.tile_height), torch.device("cpu"), 16)
+            for start in range(0, len(xy), 16):
+                stop = min(len(xy), start + 16)
+                ref, bad_ref = cpu.read(start, stop)
+                got, bad = gpu.read(start, stop)
+                assert bad == bad_ref == {}
+                np.testing.assert_array_equal(got.numpy(), ref)
+            assert gpu.tiles_decoded == plan.tiles_needed
+            assert gpu.pool.shape[0] == plan.peak_tiles(16) + 1 and len(gpu._free) == plan.peak_tiles(16)
+
+
+@pytest.mark.parametrize("how", ["zeroed", "truncated", "garbage"])
+def test_gpu_path_reports_damaged_streams(tmp_path, how):
+    import torch
+
+    from gigassl_fast.slides.gpu_jpeg import DeviceRegionPass, stream_problem
+
+    path = write_jpeg_pyramid(str(tmp_path / "s.svs"), synthetic_tissue(1024, 768, seed=2))
+    with Slide(path) as s:  # a stream's structure is checked on the CPU, damage inside it by the decoder
+        sound = s.engine.tile_stream(s.engine.level((1024, 768)), 5)
+        assert stream_problem(sound, 256, 256) is None and stream_problem(sound + b"\0" * 9, 256, 256) is None
+        assert stream_problem(sound[:len(sound) // 2], 256, 256).startswith("the stream is cut short")
+        assert stream_problem(b"\0" * len(sound), 256, 256).startswith("not a JPEG stream")
+        assert stream_problem(sound, 128, 256) == "256 x 256 pixels in a 128 x 256 tile"
+    _damage(path, 5, how)
+    with Slide(path) as s:
+        lv = s.engine.level(s.level_dimensions[0])
+        xy = np.array([[0, 0], [300, 300], [600, 0], [400, 500], [800, 500]], np.int64)
+        regions = DeviceRegionPass(RegionPass(s.engine, lv, xy, 100, 100), _cpu_twin_decode(256, 256),
+                                   torch.device("cpu"), 5)
+        out, bad = regions.read(0, 5)
+        assert sorted(bad) == [1, 3] and "JPEG tile 5 of the 1024x768 level" in bad[1]
+        ref = openslide_regions(path, xy[[0, 2, 4]], 0, 100).astype(int)
+        assert np.abs(out.numpy()[[0, 2, 4]] - ref).max() <= 2
+
+
+def test_decode_gpu_needs_a_gpu(synthetic_slide, tmp_path):
+    from conftest import cli
+
+    r = cli("encode", synthetic_slide, "--out", tmp_path, "--decode", "gpu", "--device", "cpu", "--naug", "1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --decode gpu: the encoder runs on the CPU; use --decode auto or cpu"

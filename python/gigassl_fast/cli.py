@@ -105,8 +105,8 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
               help="Decoding threads (the JPEG tile engine, or the slide reader).")
 @click.option("--prefetch-mb", type=click.IntRange(min=0), default=1024, show_default=True,
-              help="Decoded tiles held ahead of the encoder, in MB (a 224-px tile is 150 KB, a 448-px one 600 KB): "
-                   "the next slides are tiled and decoded while this one is encoded.")
+              help="Decoded tiles held ahead of the encoder, in MB (a 224-px tile is 150 KB, a 448-px one 600 KB; "
+                   "in device memory on a GPU): the next slide is tiled and decoded while this one is encoded.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Encoder compute precision; auto is bf16 on GPUs and on CPUs with AMX, float32 on other CPUs "
@@ -115,7 +115,9 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
               help="Where tiles are decoded. JPEG-tiled SVS/TIFF levels: by the JPEG tile engine (libjpeg-turbo, "
                    "--workers threads) on the CPU. Other formats: auto decodes on the GPU (cuCIM) when the encoder "
                    "runs there and a trial in a separate process finds it matches CPU decoding and is faster, else "
-                   "on the CPU; gpu: on the GPU, no trial.")
+                   "on the CPU; gpu: cuCIM on the GPU whenever it matches CPU decoding (checked in this process), and "
+                   "the JPEG engine's streams batch-decoded by nvImageCodec on the GPU for each kind of tile where a "
+                   "trial batch matches the CPU engine (opt-in: not yet run on a GPU).")
 @click.option("--on-corrupt-tile", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="A tile whose image data is corrupt: fail the slide naming it, or drop the tiles it touches "
                    "(recorded in the feature file and the summary).")
@@ -147,11 +149,13 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
     if not slides or not out_dir:
         raise click.UsageError("encode needs SLIDES and --out (or --list-encoders)")
     from .cohort import collect_slides, parse_shard, take_shard
-    from .encode import EncodeParams, run_encode
+    from .encode import EncodeParams
+    from .encode_pipeline import run_encode
     from .outputs import writable_dir
 
     params = EncodeParams(encoder=encoder, weights=weights, naug=naug, nt=nt, batch_size=batch_size, workers=workers,
-                          prefetch_mb=prefetch_mb, device=device, precision=precision, decode=decode, on_corrupt_tile=on_corrupt_tile, seed=seed,
+                          prefetch_mb=prefetch_mb, device=device, precision=precision, decode=decode,
+                          on_corrupt_tile=on_corrupt_tile, seed=seed,
                           pca=pca, tiles=_tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp)).validate()
     shard_spec = parse_shard(shard)
     entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)

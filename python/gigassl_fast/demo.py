@@ -80,7 +80,8 @@ def sample_manifest(slides_dir: str, out_dir: str) -> str:
 
 def run_demo(out_dir: str, sample_slides: str | None = None, quick: bool = False) -> int:
     from .embed import EmbedParams, embed
-    from .encode import EncodeParams, run_encode
+    from .encode import EncodeParams
+    from .encode_pipeline import run_encode
     from .pack import pack
     from .pca import fit_pca, save_pca
     from .probe import ProbeParams, run_probe

@@ -19,28 +19,23 @@ import contextlib
 import os
 import time
 import zlib
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
 from .augment import PARAM_COLUMNS, augment, draw_params
 from .cohort import SlideEntry
 from .encoders import get_config
 from .encoders.inference import TileEncoder
 from .errors import GigasslError
-from .h5files import atomic_h5, is_complete, read_attrs, write_attrs
-from .locks import lock_holder, slide_lock
-from .prefetch import Prefetch
-from .runlog import Progress, RunSummary, SlideRecord
-from .slides import CorruptTilesError, Slide
+from .h5files import atomic_h5, read_attrs, write_attrs
+from .slides import CorruptTilesError
 from .slides.decoding import Batch, TileDecoder
-from .tiling import TileParams, read_tile_file, tile_one, tile_path
+from .tiling import TileParams
 
 FORMAT = "gigassl-fast/features/1"
 
@@ -160,24 +155,24 @@ def encode_slide(grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc
     slot[needed] = np.arange(len(needed))
     slot_dev = _to(dev, slot)
     features = torch.empty((n, enc.out_dim), dtype=torch.float16, device=dev)
+    clock = _StageClock(dev, timings)
     corrupt: list[CorruptTilesError] = []
     start = 0
-    t_read = time.perf_counter()
+    t_wait = time.perf_counter()
     for raw, err in batches:
+        timings["wait"] += time.perf_counter() - t_wait
         stop = min(n, start + bs)
         if err is not None:
             corrupt.append(err)
         if not corrupt:
-            timings["read"] += time.perf_counter() - t_read
             x = _to_float(raw, tile)
             pool.index_copy_(0, slot_dev[start:stop], raw if raw.shape[1] == tile else
                              (x * 255).round().byte().permute(0, 2, 3, 1))
-            t = time.perf_counter()
-            features[start:stop] = enc(x if tile == size else F.interpolate(
-                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).half()
-            timings["encode"] += time.perf_counter() - t
+            with clock("encode"):
+                features[start:stop] = enc(x if tile == size else F.interpolate(
+                    x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)).half()
         start = stop
-        t_read = time.perf_counter()
+        t_wait = time.perf_counter()
     if corrupt:
         raise CorruptTilesError(corrupt[0].path, [p for e in corrupt for p in e.positions], corrupt[0].level,
                                 corrupt[0].detail)
@@ -194,17 +189,44 @@ def encode_slide(grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc
         unique_dev = _to(dev, unique)
         feats = torch.empty((len(unique), enc.out_dim), dtype=torch.float32, device=dev)
         for b in range(0, len(unique), bs):
-            t = time.perf_counter()
-            batch = _to_float(pool[unique_dev[b:b + bs]], tile)
-            batch = augment(batch, p, size)
-            timings["augment"] += time.perf_counter() - t
-            t = time.perf_counter()
-            feats[b:b + bs] = enc(batch)
-            timings["encode"] += time.perf_counter() - t
+            with clock("augment"):
+                batch = augment(_to_float(pool[unique_dev[b:b + bs]], tile), p, size)
+            with clock("encode"):
+                feats[b:b + bs] = enc(batch)
         aug_features[a] = feats[_to(dev, inverse)].half()
-    return {"coords": coords.astype(np.int64), "features": features.cpu().numpy(),
-            "indices": indices.numpy().astype(np.int32) if n else np.zeros((0, params.nt), np.int32),
-            "aug_features": aug_features.cpu().numpy(), "aug_params": aug_params}
+    out = {"coords": coords.astype(np.int64), "features": features.cpu().numpy(),
+           "indices": indices.numpy().astype(np.int32) if n else np.zeros((0, params.nt), np.int32),
+           "aug_features": aug_features.cpu().numpy(), "aug_params": aug_params}
+    clock.settle()
+    return out
+
+
+class _StageClock:
+    """Seconds per stage into `timings`: the host's clock on a CPU; on a GPU, CUDA events read once the
+    slide's features are back, because the host does not wait for the device batch by batch."""
+
+    def __init__(self, device: torch.device, timings: dict) -> None:
+        self.gpu, self.timings = device.type == "cuda", timings
+        self._events: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        if not self.gpu:
+            t = time.perf_counter()
+            yield
+            self.timings[stage] += time.perf_counter() - t
+            return
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        yield
+        end.record()
+        self._events.append((stage, begin, end))
+
+    def settle(self) -> None:
+        for stage, begin, end in self._events:
+            end.synchronize()
+            self.timings[stage] += begin.elapsed_time(end) / 1000
+        self._events.clear()
 
 
 def write_features(path: str, arrays: dict, attrs: dict) -> None:
@@ -231,243 +253,3 @@ def read_features(path: str) -> dict:
                     "attrs": read_attrs(fh)}
     except (OSError, KeyError) as err:
         raise GigasslError(f"{path}: not a readable feature file ({err}); rerun `gigassl-fast encode`") from None
-
-
-@dataclass
-class _Job:
-    """One slide of the cohort pipeline, from its preparation (decode thread) to its written file."""
-
-    entry: SlideEntry
-    path: str
-    start: float = field(default_factory=time.time)
-    record: SlideRecord | None = None  # settled without encoding: reused, locked, or failed before decoding
-    hold: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the slide's lock and handle
-    slide: Slide | None = None
-    coords: np.ndarray | None = None
-    attrs: dict = field(default_factory=dict)
-    decode: str = ""
-
-    def settle(self, status: str, n: int = 0, message: str = "", corrupt: list | None = None) -> SlideRecord:
-        return SlideRecord(self.entry.slide_id, self.entry.path, status, n, time.time() - self.start, message,
-                           corrupt_tiles=corrupt or [], decode=self.decode)
-
-    def release(self) -> None:
-        self.hold.close()
-
-
-_END = object()  # the last item of a slide's batches in the pipeline
-
-
-@dataclass
-class _Failed:
-    """A slide whose decoding stopped with an error other than corrupt tiles."""
-
-    error: BaseException
-
-
-def _prepare(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileEncoder, decoder: TileDecoder,
-             reader: str, overwrite: bool) -> _Job:
-    """The slide's lock, tile grid and open handle, or a record settling it without encoding."""
-    job = _Job(entry, features_path(out_dir, entry.slide_id))
-    key = reuse_key(entry, params, enc.checksum, enc.precision)
-    if os.path.exists(job.path) and not overwrite and is_complete(job.path, key):
-        with h5py.File(job.path, "r") as fh:
-            n = int(fh["coords"].shape[0])
-            dropped = fh["corrupt_coords"][:].tolist() if "corrupt_coords" in fh else []
-        # a file that left out corrupt tiles serves --on-corrupt-tile skip only; fail redoes (and fails) it
-        if not dropped or params.on_corrupt_tile == "skip":
-            note = f"up to date; {len(dropped)} tiles with corrupt image data left out" if dropped else "up to date"
-            job.record = job.settle("skipped", n, note, dropped)
-            return job
-    if os.path.exists(job.path) and not overwrite and not is_complete(job.path, key) and is_complete(job.path, {}):
-        job.record = job.settle("failed", message=f"{job.path} exists with other parameters; pass --overwrite to replace it")
-        return job
-    try:
-        if not job.hold.enter_context(slide_lock(job.path + ".lock")):
-            job.record = job.settle("locked", message=f"being encoded by {lock_holder(job.path + '.lock')}")
-            job.release()
-            return job
-        tile_rec = tile_one(entry, params.tiles, out_dir, reader, overwrite=False, qc=True)
-        if tile_rec.status in ("failed", "locked"):
-            job.record = job.settle(tile_rec.status, message=tile_rec.message)
-            job.release()
-            return job
-        grid = read_tile_file(tile_path(out_dir, entry.slide_id))
-        job.coords, job.attrs = grid.coords, {**grid.attrs, **key}
-        job.slide = job.hold.enter_context(Slide(entry.path, reader=reader, mpp=entry.mpp))
-        job.decode = decoder.path(job.slide, int(grid.attrs["read_level"]))
-    except Exception as err:  # one slide must never stop the cohort
-        job.record = job.settle("failed", message=_failure(entry, err))
-        job.release()
-    return job
-
-
-def _failure(entry: SlideEntry, err: BaseException) -> str:
-    if isinstance(err, GigasslError):
-        return str(err)
-    return f"{entry.path}: unexpected {type(err).__name__}: {err} (please report this)"
-
-
-def _decode_cohort(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str, enc: TileEncoder,
-                   decoder: TileDecoder, reader: str, overwrite: bool, timings: dict) -> Iterator:
-    """The producer of the cohort pipeline: per slide a _Job, then (unless settled) its decoded batches,
-    then _END."""
-    bs = params.resolved_batch_size()
-    for entry in entries:
-        job = _prepare(entry, params, out_dir, enc, decoder, reader, overwrite)
-        yield job
-        if job.record is not None:
-            continue
-        level, read = int(job.attrs["read_level"]), int(job.attrs["read_tile_size"])
-        try:
-            t = time.perf_counter()
-            for item in decoder.batches(job.slide, job.coords, level, read, bs, params.workers):
-                timings["read"] += time.perf_counter() - t
-                yield item
-                t = time.perf_counter()
-        except Exception as err:
-            yield _Failed(err)
-        yield _END
-
-
-def _job_batches(items: Iterator) -> Iterator[Batch]:
-    """The current slide's batches from the pipeline, up to its _END (consumed even when not used)."""
-    for item in items:
-        if item is _END:
-            return
-        if isinstance(item, _Failed):
-            for rest in items:  # keep the pipeline aligned on the next slide
-                if rest is _END:
-                    break
-            raise item.error
-        yield item
-
-
-def _item_bytes(item: object) -> int:
-    tiles = item[0] if isinstance(item, tuple) else None
-    return tiles.numel() * tiles.element_size() if isinstance(tiles, torch.Tensor) else 0
-
-
-def _encode_job(job: _Job, items: Iterator, params: EncodeParams, enc: TileEncoder, decoder: TileDecoder,
-                timings: dict) -> tuple[dict, np.ndarray]:
-    """The arrays of one slide and the level-0 positions of the tiles left out for corrupt data."""
-    batches = _job_batches(items)
-    dropped = np.zeros((0, 2), np.int64)
-    try:
-        arrays = encode_slide(job.attrs, job.coords, params, enc, job.entry.slide_id, batches, timings)
-    except CorruptTilesError as err:
-        if params.on_corrupt_tile != "skip":
-            raise GigasslError(f"{err}; pass --on-corrupt-tile skip to drop such tiles") from None
-        # every corrupt tile of the slide is named at once, so one more pass without them
-        dropped = np.array(sorted(set(err.positions)), np.int64).reshape(-1, 2)
-        keep = ~(job.coords[:, None, :] == dropped[None]).all(-1).any(1)
-        if not keep.any():
-            raise GigasslError(f"{err}; every tile of the slide is corrupt") from None
-        level, read = int(job.attrs["read_level"]), int(job.attrs["read_tile_size"])
-        again = decoder.batches(job.slide, job.coords[keep], level, read, params.resolved_batch_size(),
-                                params.workers)
-        arrays = encode_slide(job.attrs, job.coords[keep], params, enc, job.entry.slide_id, again, timings)
-    finally:
-        for _ in batches:  # an error mid-slide: skip the rest of its batches
-            pass
-    arrays["corrupt_coords"] = dropped
-    return arrays, dropped
-
-
-def _written(job: _Job, future, arrays: dict, dropped: np.ndarray) -> SlideRecord:
-    """The slide's record once its feature file is written (or failed to be)."""
-    try:
-        future.result()
-    except Exception as err:
-        return job.settle("failed", message=_failure(job.entry, err))
-    finally:
-        job.release()
-    n = len(arrays["coords"])
-    if n == 0:
-        return job.settle("empty", 0, "no tissue tiles: feature file written with 0 tiles")
-    if len(dropped):
-        x, y = dropped[0]
-        return job.settle("done", n, f"{len(dropped)} tiles with corrupt image data left out, e.g. at level-0 "
-                                     f"({x}, {y})", dropped.tolist())
-    return job.settle("done", n)
-
-
-def distributed_share(entries: Sequence[SlideEntry]) -> tuple[list[SlideEntry], str | None]:
-    """Under torchrun, each rank takes every WORLD_SIZE-th slide and its own GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return list(entries), None
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    return list(entries)[rank::world], (f"cuda:{local}" if torch.cuda.is_available() else None)
-
-
-def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str, reader: str = "auto",
-               overwrite: bool = False, summary_name: str = "encode_summary.json") -> RunSummary:
-    """Encodes a cohort; one bad slide is recorded and the run goes on.
-
-    A pipeline: a thread prepares the next slides (tiling when needed) and decodes their tiles, up to
-    ``prefetch_mb`` of decoded tiles ahead, while this thread encodes; a writer thread writes each feature
-    file (atomically) while the next slide is encoded."""
-    entries, rank_device = distributed_share(entries)
-    if rank_device and params.device == "auto":
-        params = EncodeParams(**{**asdict(params), "tiles": params.tiles, "device": rank_device})
-    params.validate()
-    enc = params.tile_encoder()
-    decoder = TileDecoder(enc.device, params.decode)
-    config = {"out": os.path.abspath(out_dir), "reader": reader, **asdict(params), "device": str(enc.device),
-              "batch_size": params.resolved_batch_size(), "weights_checksum": enc.checksum}
-    summary = RunSummary("encode", config)
-    timings = {"read": 0.0, "augment": 0.0, "encode": 0.0, "wait": 0.0}
-    progress = Progress(len(entries), "encode")
-
-    def add(record: SlideRecord) -> None:
-        summary.add(record)
-        progress.update(record)
-
-    source = _decode_cohort(entries, params, out_dir, enc, decoder, reader, overwrite, timings)
-    pending = None  # the slide being written: (job, future, arrays, dropped)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigassl-writer") as writer, \
-            Prefetch(source, params.prefetch_mb << 20, _item_bytes,
-                     on_drop=lambda item: item.release() if isinstance(item, _Job) else None) as items:
-        while True:
-            t = time.perf_counter()
-            job = next(items, None)
-            timings["wait"] += time.perf_counter() - t
-            if job is None:
-                break
-            if job.record is not None:
-                if pending:
-                    add(_written(*pending))
-                    pending = None
-                add(job.record)
-                continue
-            try:
-                arrays, dropped = _encode_job(job, items, params, enc, decoder, timings)
-            except Exception as err:
-                job.release()
-                if pending:
-                    add(_written(*pending))
-                    pending = None
-                add(job.settle("failed", message=_failure(job.entry, err)))
-                continue
-            job.slide.close()
-            attrs = {**job.attrs, "format": FORMAT, "version": __version__, "out_dim": enc.out_dim,
-                     "pca": params.pca, "input_size": enc.config.input_size, "device": str(enc.device),
-                     "compute_precision": enc.precision, "aug_param_columns": list(PARAM_COLUMNS),
-                     "n_corrupt_tiles": len(dropped)}
-            if pending:
-                add(_written(*pending))
-            pending = (job, writer.submit(write_features, job.path, arrays, attrs), arrays, dropped)
-        if pending:
-            add(_written(*pending))
-    done_tiles = sum(r.n_tiles for r in summary.records if r.status == "done")
-    aug_tiles = params.naug * params.nt * sum(1 for r in summary.records if r.status == "done")
-    summary.config["decode"] = decoder.note
-    summary.config["throughput"] = {
-        "read_tiles_per_s": done_tiles / timings["read"] if timings["read"] else None,
-        "augment_tiles_per_s": aug_tiles / timings["augment"] if timings["augment"] else None,
-        "encode_tiles_per_s": (done_tiles + aug_tiles) / timings["encode"] if timings["encode"] else None,
-        "seconds": timings,
-    }
-    summary.write_json(os.path.join(out_dir, summary_name))
-    return summary

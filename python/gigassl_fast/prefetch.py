@@ -41,6 +41,8 @@ class Prefetch:
                     while not self._stop and self._items and self._held + size > self._limit:
                         self._cond.wait()
                     if self._stop:
+                        if self._on_drop is not None:
+                            self._on_drop(item)
                         return
                     self._items.append((item, size))
                     self._held += size
@@ -78,7 +80,9 @@ class Prefetch:
         dropped = [item for item, _ in self._items if item is not _DONE and not isinstance(item, BaseException)]
         self._items.clear()
         self._held = 0
-        self._items.append((_DONE, 0))  # a later next() ends the iteration instead of waiting
+        with self._cond:
+            self._items.append((_DONE, 0))  # a later next() ends the iteration instead of waiting
+            self._cond.notify_all()
         if self._on_drop is not None:
             for item in dropped:
                 self._on_drop(item)

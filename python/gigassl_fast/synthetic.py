@@ -101,3 +101,89 @@ def write_synthetic_slide(path: str | os.PathLike, width: int = 4096, height: in
                           seed: int = 0, **tissue_kwargs: float) -> str:
     """A synthetic H&E-like slide at `path` (see ``synthetic_tissue`` and ``write_pyramidal_tiff``)."""
     return write_pyramidal_tiff(path, synthetic_tissue(width, height, seed, **tissue_kwargs), mpp=mpp)
+
+
+def _segments(data: bytes) -> list[bytes]:
+    """A JPEG stream's marker segments after SOI; the last is SOS with the entropy-coded data and EOI."""
+    out, i = [], 2
+    while True:
+        if data[i:i + 2] == b"\xff\xda":
+            out.append(data[i:])
+            return out
+        n = int.from_bytes(data[i + 2:i + 4], "big")
+        out.append(data[i:i + 2 + n])
+        i += 2 + n
+
+
+def _numbered_components(seg: bytes, first_id_at: int, stride: int) -> bytes:
+    """SOF or SOS with component ids 'R', 'G', 'B' renumbered 1, 2, 3 (what libjpeg takes for YCbCr)."""
+    seg = bytearray(seg)
+    for k in range(3):
+        seg[first_id_at + k * stride] = k + 1
+    return bytes(seg)
+
+
+def _encode_tile(tile: np.ndarray, rgb: bool, subsampling: str, quality: int = 90) -> bytes:
+    import imagecodecs
+
+    data = imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB",
+                                    outcolorspace="RGB" if rgb else "YCBCR", subsampling=subsampling)
+    if not rgb:
+        return data
+    # RGB tiles with nothing in the stream saying so: no Adobe marker, components numbered 1, 2, 3
+    segs = []
+    for seg in _segments(data):
+        if seg[:2] == b"\xff\xee":
+            continue
+        if seg[:2] == b"\xff\xc0":
+            seg = _numbered_components(seg, 10, 3)
+        if seg[:2] == b"\xff\xda":
+            seg = _numbered_components(seg, 5, 2)
+        segs.append(seg)
+    return b"\xff\xd8" + b"".join(segs)
+
+
+def _split_tables(stream: bytes) -> tuple[bytes, bytes]:
+    """(tables-only stream, abbreviated stream), as TIFF's JPEGTables and a tile that relies on them."""
+    segs = _segments(stream)
+    tables = [s for s in segs if s[:2] in (b"\xff\xdb", b"\xff\xc4")]
+    rest = [s for s in segs if s[:2] not in (b"\xff\xdb", b"\xff\xc4")]
+    return b"\xff\xd8" + b"".join(tables) + b"\xff\xd9", b"\xff\xd8" + b"".join(rest)
+
+
+def write_jpeg_variant_pyramid(path: str, image: np.ndarray, tile: int | tuple[int, int] = 256, rgb: bool = False,
+                               subsampling: str = "420", tables: bool = False, mpp: float = 0.5) -> str:
+    """An Aperio-style pyramid (levels 4x apart) of JPEG tiles encoded here, so that every variant the JPEG
+    tile engine must read can be had: YCbCr or RGB tiles (RGB ones with nothing in the stream saying so,
+    as Aperio writes them), chroma subsampling "420" or "444", shared JPEGTables, any tile size
+    (`tile`: side, or (height, width)), partial edge tiles. Tests and gpu_check read these."""
+    import tifffile
+    from PIL import Image
+
+    th, tw_ = (tile, tile) if isinstance(tile, int) else tile
+    levels = [image]
+    while min(levels[-1].shape[:2]) >= 4 * max(th, tw_):
+        h, w = levels[-1].shape[:2]
+        levels.append(np.asarray(Image.fromarray(levels[-1]).resize((w // 4, h // 4), Image.Resampling.BOX)))
+    with tifffile.TiffWriter(path) as tw:
+        for k, img in enumerate(levels):
+            h, w = img.shape[:2]
+            streams = []
+            for y in range(0, h, th):
+                for x in range(0, w, tw_):
+                    block = np.full((th, tw_, 3), 255, np.uint8)
+                    part = img[y:y + th, x:x + tw_]
+                    block[:part.shape[0], :part.shape[1]] = part
+                    streams.append(_encode_tile(block, rgb, subsampling))
+            extratags = []
+            if tables:  # every tile is encoded with the same tables at one quality: keep the first's
+                shared, _ = _split_tables(streams[0])
+                streams = [_split_tables(s)[1] for s in streams]
+                extratags = [(347, 7, len(shared), shared, True)]
+            tw.write(iter(streams), shape=img.shape, dtype=np.uint8, tile=(th, tw_), compression="jpeg",
+                     photometric="rgb", subsampling=(1, 1) if subsampling == "444" else (2, 2), metadata=None,
+                     description=aperio_description(w, h, tw_, 90, mpp) if k == 0 else None, extratags=extratags)
+    with tifffile.TiffFile(path, mode="r+b") as tf:  # tifffile writes YCbCr for JPEG whatever it is told
+        for page in tf.pages:
+            page.tags["PhotometricInterpretation"].overwrite(2 if rgb else 6)
+    return path

@@ -7,8 +7,11 @@ tiles for 3 tiles of area. Here the tiles a batch of regions needs are listed fi
 one ``pread`` each, decoded once in parallel (simplejpeg releases the GIL), and the regions copied out of
 them; over a pass (`RegionPass`) a decoded tile is kept until the last batch that needs it.
 
-Pixels are cuCIM's: the same libjpeg-turbo settings (accurate integer IDCT, smooth chroma upsampling), a
-region's level position is floor(level-0 position / downsample), pixels outside the level are white.
+Pixels are OpenSlide's and cuCIM's for the files they read right (tested to 2 grey levels; identical on
+the sample SVS and the benchmark slides): the same libjpeg-turbo settings (accurate integer IDCT, smooth
+chroma upsampling), and as cuCIM places a region, its level position is floor(level-0 position /
+downsample); pixels outside the level are white. RGB-photometric tiles are decoded as RGB whatever
+their stream says (cuCIM decodes those without an Adobe marker as YCbCr).
 Damaged tiles are errors: libjpeg-turbo's warnings are raised (simplejpeg's strict mode), never decoded
 into garbage silently.
 """
@@ -50,6 +53,12 @@ class JpegLevel:
     counts: np.ndarray  # int64: byte count of each tile; 0 for a tile never written
     tables: bytes  # the page's JPEGTables (SOI, tables, EOI) or b""
     rgb: bool  # components stored as R, G, B rather than YCbCr
+    subsampling: tuple[int, int] = (1, 1)  # the TIFF's YCbCrSubsampling (chroma per luma, horizontally, vertically)
+
+    @property
+    def variant(self) -> tuple:
+        """What a decoder's colour handling depends on: RGB or YCbCr, subsampling, tile size."""
+        return self.rgb, self.subsampling, self.tile_width, self.tile_height
 
     @property
     def cols(self) -> int:
@@ -63,10 +72,15 @@ class JpegLevel:
         """A tile's bytes as a complete JPEG stream: shared tables spliced in, the colour space stated."""
         if data[:2] != _SOI:
             return data  # not JPEG: the decoder says so
-        if len(self.tables) > 4:
-            data = self.tables[:-2] + data[2:]  # tables' SOI and segments (not their EOI), then the tile's
-        if self.rgb and data[2:4] != b"\xff\xee":
-            data = _SOI + _ADOBE_RGB + data[2:]
+        end = self.tables.rfind(b"\xff\xd9")  # the tables' EOI (a writer may pad after it)
+        if end > 2:
+            data = self.tables[:end] + data[2:]  # tables' SOI and segments, then the tile's after its SOI
+        if self.rgb:
+            if data[2:4] == b"\xff\xe0" and data[6:11] == b"JFIF\0":
+                # libjpeg takes JFIF to mean YCbCr before it reads an Adobe marker: the TIFF tag rules
+                data = _SOI + data[4 + int.from_bytes(data[4:6], "big"):]
+            if data[2:4] != b"\xff\xee":
+                data = _SOI + _ADOBE_RGB + data[2:]
         return data
 
 
@@ -86,7 +100,8 @@ def describe_page(page) -> tuple[JpegLevel | None, str]:
     tables = page.jpegtables
     lv = JpegLevel(int(page.imagewidth), int(page.imagelength), int(page.tilewidth), int(page.tilelength),
                    np.asarray(page.dataoffsets, np.int64), np.asarray(page.databytecounts, np.int64),
-                   bytes(tables) if tables is not None else b"", int(page.photometric) == RGB)
+                   bytes(tables) if tables is not None else b"", int(page.photometric) == RGB,
+                   tuple(int(v) for v in (getattr(page, "subsampling", None) or (1, 1))))
     if len(lv.offsets) < lv.rows * lv.cols:
         return None, f"{len(lv.offsets)} tile offsets for a {lv.cols} x {lv.rows} tile grid"
     return lv, "JPEG tiles"
@@ -169,7 +184,7 @@ class JpegTileEngine:
         data = self.tile_stream(level, index)
         th, tw = level.tile_height, level.tile_width
         try:
-            w, h, _, _ = simplejpeg.decode_jpeg_header(data)
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
             if (h, w) == (th, tw) and out is not None:
                 return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=out)
             img = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
@@ -257,7 +272,8 @@ class RegionPass:
         self.r1 = np.where(inside, (ye - 1) // lv.tile_height + 1, 0)
         cols = lv.cols
         self._tiles = [[r * cols + c for r in range(r0, r1) for c in range(c0, c1)]
-                       for r0, r1, c0, c1 in zip(self.r0.tolist(), self.r1.tolist(), self.c0.tolist(), self.c1.tolist())]
+                       for r0, r1, c0, c1 in zip(self.r0.tolist(), self.r1.tolist(), self.c0.tolist(), self.c1.tolist(),
+                                                   strict=True)]
         self._last_use: dict[int, int] = {}
         for i, tiles in enumerate(self._tiles):
             for t in tiles:
@@ -277,39 +293,61 @@ class RegionPass:
         """Indices (row-major) of the source tiles region `i` touches."""
         return self._tiles[i]
 
+    def batch_tiles(self, start: int, stop: int) -> set[int]:
+        """The source tiles the regions [start, stop) touch."""
+        return {t for i in range(start, stop) for t in self._tiles[i]}
+
+    def retiring(self, start: int, stop: int) -> list[int]:
+        """The tiles of regions [start, stop) that no later region touches."""
+        return [t for t in self.batch_tiles(start, stop) if self._last_use[t] < stop]
+
+    def peak_tiles(self, batch_size: int) -> int:
+        """Most tiles held at once over the pass in batches of `batch_size`."""
+        live, peak = set(), 0
+        for start in range(0, len(self._tiles), batch_size):
+            stop = min(len(self._tiles), start + batch_size)
+            live |= self.batch_tiles(start, stop)
+            peak = max(peak, len(live))
+            live -= set(self.retiring(start, stop))
+        return peak
+
+    def damage(self, start: int, stop: int, failed: dict[int, str]) -> dict[int, str]:
+        """The problem of each region of [start, stop) that touches a tile in `failed` (by tile index)."""
+        bad = {}
+        for i in range(start, stop):
+            damaged = [t for t in self._tiles[i] if t in failed]
+            if damaged:
+                lv = self.level
+                bad[i] = f"JPEG tile {damaged[0]} of the {lv.width}x{lv.height} level: {failed[damaged[0]]}"
+        return bad
+
     def read(self, start: int, stop: int, num_workers: int = 1) -> tuple[np.ndarray, dict[int, str]]:
         """uint8 (stop - start, height, width, 3) for regions [start, stop), and the problem of each region
         (by its index in the pass) that touches a damaged tile; such regions' pixels are undefined."""
-        wanted = sorted({t for i in range(start, stop) for t in self.tiles_of(i)}
-                        - self._cache.keys() - self._failed.keys())
+        wanted = sorted(self.batch_tiles(start, stop) - self._cache.keys() - self._failed.keys())
         lv = self.level
         buffers = [self._free.pop() if self._free else np.empty((lv.tile_height, lv.tile_width, 3), np.uint8)
                    for _ in wanted]
         tiles, problems = self.engine.decode_tiles(lv, wanted, num_workers, buffers)
         self._cache.update(tiles)
         self._failed.update(problems)
-        self._free.extend(b for t, b in zip(wanted, buffers) if tiles.get(t) is None)
+        self._free.extend(b for t, b in zip(wanted, buffers, strict=True) if tiles.get(t) is None)
         self.tiles_decoded += len(wanted)
         out = np.empty((stop - start, self.height, self.width, 3), np.uint8)
-        bad: dict[int, str] = {}
-        for i in range(start, stop):
-            damaged = [t for t in self.tiles_of(i) if t in self._failed]
-            if damaged:
-                bad[i] = f"JPEG tile {damaged[0]} of the {lv.width}x{lv.height} level: {self._failed[damaged[0]]}"
+        bad = self.damage(start, stop, self._failed)
 
         def assemble(part: range) -> None:  # numpy copies release the GIL: parts run in parallel
             for i in part:
                 if i not in bad:
-                    self._assemble(out[i - start], i, self.tiles_of(i))
+                    self._assemble(out[i - start], i, self._tiles[i])
 
         n = max(1, min(num_workers, stop - start))
         self.engine.map(assemble, [range(start + k * (stop - start) // n, start + (k + 1) * (stop - start) // n)
-                                   for k in range(n)], n)
-        for t in {t for i in range(start, stop) for t in self.tiles_of(i)}:
-            if self._last_use[t] < stop:
-                img = self._cache.pop(t, None)
-                if img is not None:
-                    self._free.append(img)
+                                   for k in range(n)], num_workers)
+        for t in self.retiring(start, stop):
+            img = self._cache.pop(t, None)
+            if img is not None:
+                self._free.append(img)
         return out, bad
 
     def _assemble(self, dst: np.ndarray, i: int, touched: list[int]) -> None:
