@@ -192,15 +192,11 @@ def _encode_job(job: _Job, items: Iterator, params: EncodeParams, enc: TileEncod
     return arrays, dropped
 
 
-def _write_timed(path: str, arrays: dict, attrs: dict) -> float:
-    write_features(path, arrays, attrs)
-    return time.time()
-
-
-def _written(job: _Job, future, arrays: dict, dropped: np.ndarray) -> SlideRecord:
-    """The slide's record once its feature file is written (or failed to be)."""
+def _write(job: _Job, arrays: dict, attrs: dict, dropped: np.ndarray) -> SlideRecord:
+    """Writes the slide's feature file (in the writer thread), releases its lock and returns its record."""
     try:
-        end = future.result()
+        write_features(job.path, arrays, attrs)
+        end = time.time()
     except Exception as err:
         return job.settle("failed", message=_failure(job.entry, err))
     finally:
@@ -243,19 +239,36 @@ def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str
     timings = {"read": 0.0, "augment": 0.0, "encode": 0.0, "wait": 0.0}
     progress = Progress(len(entries), "encode")
 
-    def add(record: SlideRecord) -> None:
-        summary.add(record)
-        progress.update(record)
+    shown = threading.Lock()  # the writer thread reports a slide as soon as its file is written
+
+    def show(record: SlideRecord) -> None:
+        with shown:
+            progress.update(record)
+
+    def add(record: SlideRecord, report: bool = True) -> None:
+        summary.add(record)  # in cohort order, by this thread
+        if report:
+            show(record)
 
     slots, stopping = threading.Semaphore(JOBS_AHEAD), threading.Event()
     source = _decode_cohort(entries, params, out_dir, enc, decoder, reader, overwrite, timings, slots, stopping)
-    job = pending = None  # the slide being encoded; the one being written: (job, future, arrays, dropped)
+    job = pending = None  # the slide being encoded; the one being written: (job, its record when written)
 
     def settle_pending() -> None:
         nonlocal pending
         if pending:
-            add(_written(*pending))
+            add(pending[1].result(), report=False)
             pending = None
+
+    def write(job: _Job, arrays: dict, attrs: dict, dropped: np.ndarray):
+        """The slide's file written in the writer thread, which then shows its line (not when the next
+        slide is done); its record joins the summary in cohort order, here."""
+        def task() -> SlideRecord:
+            record = _write(job, arrays, attrs, dropped)
+            show(record)
+            return record
+
+        return job, writer.submit(task)
 
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigassl-writer") as writer, \
@@ -288,7 +301,7 @@ def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str
                              "compute_precision": enc.precision, "aug_param_columns": list(PARAM_COLUMNS),
                              "n_corrupt_tiles": len(dropped)}
                     settle_pending()
-                    pending = (job, writer.submit(_write_timed, job.path, arrays, attrs), arrays, dropped)
+                    pending = write(job, arrays, attrs, dropped)
                     slots.release()
             except BaseException:  # the decoding thread must not wait for a slot while it is being stopped
                 stopping.set()
