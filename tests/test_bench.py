@@ -31,7 +31,7 @@ def test_original_encode_plain_pass_matches_our_features(synthetic_slide, tmp_pa
         coords = grid.coords[:6]
         batches = s.region_batches(coords, int(grid.attrs["read_level"]), 224, 224, params.resolved_batch_size())
         ours = encode_slide(grid.attrs, coords, params, enc, "x",
-                            ((torch.from_numpy(t), err) for t, err in batches), {"read": 0, "augment": 0, "encode": 0})
+                            ((torch.from_numpy(t), err) for t, err in batches), {"read": 0, "augment": 0, "encode": 0, "wait": 0})
     assert int(grid.attrs["read_tile_size"]) == 224  # the reference reads 224 px at the level, no resize
     out = original_encode(str(synthetic_slide), coords, int(grid.attrs["read_level"]), ref_model, str(tmp_path / "o"),
                           naug=2, nt=4, workers=0)
