@@ -30,6 +30,7 @@ from .locks import lock_holder, slide_lock
 from .prefetch import Prefetch
 from .runlog import Progress, RunSummary, SlideRecord
 from .slides import CorruptTilesError, Slide
+from .slides.backends import NATIVE_OUTPUT
 from .slides.decoding import Batch, TileDecoder
 from .tiling import read_tile_file, tile_one, tile_path
 
@@ -239,10 +240,10 @@ def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str
     timings = {"read": 0.0, "augment": 0.0, "encode": 0.0, "wait": 0.0}
     progress = Progress(len(entries), "encode")
 
-    shown = threading.Lock()  # the writer thread reports a slide as soon as its file is written
-
     def show(record: SlideRecord) -> None:
-        with shown:
+        # the writer thread reports a slide as soon as its file is written; not while the decoding thread
+        # captures a reader's native output (its file descriptors 1 and 2 are the process's)
+        with NATIVE_OUTPUT:
             progress.update(record)
 
     def add(record: SlideRecord, report: bool = True) -> None:

@@ -150,8 +150,10 @@ def _rgb(arr: np.ndarray, path: str) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-#: File descriptors 1 and 2 belong to the whole process: one capture at a time.
+#: File descriptors 1 and 2 belong to the whole process: one capture at a time. Another thread that prints
+#: holds it too (``NATIVE_OUTPUT``), so that its lines are not swallowed by a capture in progress.
 _CAPTURE = threading.RLock()
+NATIVE_OUTPUT = _CAPTURE
 
 
 @contextlib.contextmanager
