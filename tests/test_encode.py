@@ -151,6 +151,10 @@ def test_bad_slides_in_a_cohort(small_cohort, tmp_path):
             {"s0", "corrupt", "cut", "blank"}}
     assert "done" in rows["s0"] and "failed" in rows["corrupt"] and "failed" in rows["cut"]
     assert "empty" in rows["blank"]
+    # a progress line per slide, including those written while the next was being read (whose reader's
+    # native output is captured through the process's stderr)
+    shown = [ln.split("] ", 1)[1].split(":")[0] for ln in r.stderr.splitlines() if ln.startswith("encode [")]
+    assert sorted(shown) == ["blank", "corrupt", "cut", "s0"]
     assert sorted(os.listdir(tmp_path / "out" / "features")) == ["blank.h5", "s0.h5"]
     with h5py.File(tmp_path / "out" / "features" / "blank.h5") as fh:
         assert fh["features"].shape == (0, 1280)
