@@ -408,6 +408,7 @@ def check_model() -> dict:
     from gigassl_fast.kernels.availability import twins_only
     from gigassl_fast.kernels.sparse_bag import exact_dots
 
+    from gigassl_fast.aggregators import list_aggregators
     from gigassl_fast.train import build_model
     from gigassl_fast.views import sample_views
 
@@ -416,7 +417,7 @@ def check_model() -> dict:
     s, naug, nt, b = 300, 3, 32, (256 if not DRY else 16)
     store_f = torch.randn(s, naug, nt, 256, generator=g).abs().half()
     store_xy = torch.randint(0, 60, (s, naug, nt, 2), generator=g) * 896
-    for agg in ("sparse-layer4", "mlp", "abmil"):
+    for agg in list_aggregators():
         torch.manual_seed(0)
         m_cpu = build_model(agg, 256).backbone.train()
         batch = torch.randint(0, s, (b,), generator=g)
@@ -446,6 +447,7 @@ def check_model() -> dict:
 
 @section("train")
 def check_train(tmp: str) -> dict:
+    from gigassl_fast.aggregators import list_aggregators
     from gigassl_fast.train import build_model, contrastive_step
     from gigassl_fast.views import view_pair
 
@@ -454,7 +456,7 @@ def check_train(tmp: str) -> dict:
     store_f = torch.randn(s, 5, 64, 256, generator=g).abs().half().to(DEV)
     store_xy = (torch.randint(0, 60, (s, 5, 64, 2), generator=g) * 896).to(DEV)
     out = {}
-    for agg in ("sparse-layer4", "mlp", "abmil"):
+    for agg in list_aggregators():
         model = build_model(agg, 256).to(DEV).train()
         opt = torch.optim.Adam(model.parameters(), 1e-4)
         gen = torch.Generator().manual_seed(0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, require_module
+from gigassl_fast.aggregators import list_aggregators
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,7 +136,7 @@ def test_segment_softmax_pool_forward_and_backward(lengths):
 
 
 def test_abmil_uses_the_kernels_and_matches_plain_torch():
-    from gigassl_fast.aggregators.mlp import GatedAttentionMIL
+    from gigassl_fast.aggregators.abmil import GatedAttentionMIL
 
     torch.manual_seed(0)
     m = GatedAttentionMIL(32, 64, 16).to(_dev())
@@ -146,7 +147,7 @@ def test_abmil_uses_the_kernels_and_matches_plain_torch():
     assert _rel(out, (a * h).sum(dim=1)) < 1e-3  # tf32 dot in the kernel
 
 
-@pytest.mark.parametrize("name", ["sparse-layer4", "mlp", "abmil"])
+@pytest.mark.parametrize("name", list_aggregators())
 def test_whole_aggregator_kernel_path_matches_twin_path(name):
     """Each aggregator's kernel path (views read in place from the store) against its twin path, outputs
     and the gradients of every parameter, compared as one vector (biases just before a batch norm have a
@@ -154,7 +155,7 @@ def test_whole_aggregator_kernel_path_matches_twin_path(name):
     from gigassl_fast.kernels.availability import twins_only
     from gigassl_fast.kernels.sparse_bag import exact_dots
 
-    from gigassl_fast.ssl import build_aggregator
+    from gigassl_fast.aggregators import build_aggregator
     from gigassl_fast.views import StoreRows
 
     g = torch.Generator().manual_seed(5)

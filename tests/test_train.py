@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import cli
+from gigassl_fast.aggregators import build_aggregator, list_aggregators
 from gigassl_fast.errors import GigasslError
 from gigassl_fast.pack import Store, pack
-from gigassl_fast.ssl import build_aggregator, nt_xent
+from gigassl_fast.ssl import nt_xent
 from gigassl_fast.train import TrainParams, learning_rate
 from gigassl_fast.views import StoreRows, apply_spatial, augmentation_matrix, sample_views, spatial_augment
 
@@ -97,7 +98,7 @@ def test_fused_views_point_at_the_tiles_the_copy_path_gathers():
     assert (r.rows // (3 * 7) == slides[:, None]).all()  # every row belongs to the view's slide
 
 
-@pytest.mark.parametrize("name", ["sparse-layer4", "mlp", "abmil"])
+@pytest.mark.parametrize("name", list_aggregators())
 def test_aggregators_read_store_rows_in_place_as_from_a_copy(name):
     """The fused first layers (rows read from the table) compute what the copy path computes, forward and
     backward, also where several tiles of a view share a grid cell (sites averaged, pairs weighted)."""
@@ -137,7 +138,7 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs[50:], lrs[51:], strict=False))
 
 
-@pytest.mark.parametrize("name", ["sparse-layer4", "mlp", "abmil"])
+@pytest.mark.parametrize("name", list_aggregators())
 def test_aggregators_shapes_and_gradients(name):
     agg = build_aggregator(name, 256).train()
     f = torch.randn(4, 5, 256, requires_grad=True)

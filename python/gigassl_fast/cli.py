@@ -15,6 +15,24 @@ from .tissue import MASK_METHODS, MaskParams
 _POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
+class _AggregatorChoice(click.Choice):
+    """One of ``aggregators.list_aggregators()``, read when first needed: the registry imports torch, which
+    the commands that do not train (tile) do not load."""
+
+    def __init__(self) -> None:
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from .aggregators import list_aggregators
+
+        return tuple(list_aggregators())
+
+    @choices.setter
+    def choices(self, _names) -> None:  # click.Choice.__init__ sets it; the registry holds the names
+        pass
+
+
 def _tile_options(f):
     """Options shared by every command that may tile slides."""
     options = [
@@ -213,7 +231,7 @@ def pack_cmd(features_dir, out_file, pca) -> None:
 @cli.command(name="train")
 @click.argument("store", type=click.Path(dir_okay=False, exists=True))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, log).")
-@click.option("--aggregator", type=click.Choice(["sparse-layer4", "mlp", "abmil"]), default="sparse-layer4",
+@click.option("--aggregator", type=_AggregatorChoice(), default="sparse-layer4",
               show_default=True, help="Slide encoder: the paper's sparse ResNet18-layer4, or non-spatial MIL.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True,

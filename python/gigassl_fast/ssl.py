@@ -6,25 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aggregators import SparseConvMIL
-from .aggregators.mlp import GatedAttentionMIL, ResidualMLP
+from .aggregators import Aggregator
 from .distributed import gather_with_grad
-from .errors import GigasslError
-
-AGGREGATORS = ("sparse-layer4", "mlp", "abmil")
-
-
-def build_aggregator(name: str, in_dim: int, resnet18_state: dict | None = None) -> nn.Module:
-    if name == "sparse-layer4":
-        if in_dim != 256:
-            raise GigasslError(f"--aggregator sparse-layer4 takes 256-d tile features (ResNet18 layer3); the store "
-                               f"has {in_dim}-d: encode with resnet18-l3, or project with `gigassl-fast pca --dim 256`")
-        return SparseConvMIL.from_resnet18(resnet18_state) if resnet18_state else SparseConvMIL()
-    if name == "mlp":
-        return ResidualMLP(in_dim)
-    if name == "abmil":
-        return GatedAttentionMIL(in_dim)
-    raise GigasslError(f"--aggregator must be one of {', '.join(AGGREGATORS)} (got {name!r})")
 
 
 class Projector(nn.Sequential):
@@ -36,7 +19,7 @@ class Projector(nn.Sequential):
 
 
 class SimCLRMIL(nn.Module):
-    def __init__(self, aggregator: nn.Module) -> None:
+    def __init__(self, aggregator: Aggregator) -> None:
         super().__init__()
         self.backbone = aggregator
         self.projector = Projector()

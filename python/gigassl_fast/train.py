@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
+from .aggregators import build_aggregator, list_aggregators
 from .distributed import convert_global_bn
 from .errors import GigasslError
 from .outputs import atomic_file, nearly_full, write_error
 from .pack import Store
-from .ssl import AGGREGATORS, SimCLRMIL, build_aggregator, nt_xent
+from .ssl import SimCLRMIL, nt_xent
 from .views import view_pair
 
 
@@ -51,8 +52,8 @@ class TrainParams:
     precision: str = "auto"
 
     def validate(self) -> TrainParams:
-        if self.aggregator not in AGGREGATORS:
-            raise GigasslError(f"--aggregator must be one of {', '.join(AGGREGATORS)} (got {self.aggregator!r})")
+        if self.aggregator not in list_aggregators():
+            raise GigasslError(f"--aggregator must be one of {', '.join(list_aggregators())} (got {self.aggregator!r})")
         for name in ("epochs", "batch_size", "tiles_per_view", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise GigasslError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")

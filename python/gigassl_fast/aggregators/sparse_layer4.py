@@ -25,6 +25,7 @@ from torch import nn
 from ..kernels.sparse_bag import gather_gemm, tap_scatter
 from ..views import StoreRows
 from . import rulebook as rb
+from .registry import Aggregator, register_aggregator
 
 IN_DIM, OUT_DIM = 256, 512
 
@@ -79,7 +80,8 @@ class _Block(nn.Module):
                 nn.init.kaiming_normal_(p, mode="fan_out", nonlinearity="relu")
 
 
-class SparseConvMIL(nn.Module):
+@register_aggregator("sparse-layer4")
+class SparseConvMIL(Aggregator):
     """Sparse ResNet18-layer4 MIL aggregator: features (B, k, 256) float32 and level-0 locations
     (B, k, 2) int64 (already augmented) -> pooled (B, 512).
 
@@ -96,6 +98,16 @@ class SparseConvMIL(nn.Module):
         self.block1 = _Block(OUT_DIM, OUT_DIM, downsample=False)
         self.exact_cells = exact_cells
         self.sync_spatial_size = False
+
+    @classmethod
+    def build(cls, in_dim: int, resnet18_state: dict | None = None) -> SparseConvMIL:
+        """``--aggregator sparse-layer4``: 256-d tiles only; from `resnet18_state`'s layer4 if given."""
+        if in_dim != IN_DIM:
+            from ..errors import GigasslError
+
+            raise GigasslError(f"--aggregator sparse-layer4 takes 256-d tile features (ResNet18 layer3); the store "
+                               f"has {in_dim}-d: encode with resnet18-l3, or project with `gigassl-fast pca --dim 256`")
+        return cls.from_resnet18(resnet18_state) if resnet18_state else cls()
 
     # -- weights ---------------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,52 @@
+"""One registry of slide aggregators: a name and an ``Aggregator`` class, filled by a decorator (as the
+tile encoders' registry)."""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from ..errors import GigasslError
+
+
+class Aggregator(nn.Module):
+    """What every registered aggregator shares: features (B, k, D) or ``StoreRows`` and locations
+    (B, k, 2) -> (B, 512), built from a name and the tiles' feature dimension."""
+
+    @classmethod
+    def build(cls, in_dim: int, resnet18_state: dict | None = None) -> Aggregator:
+        """The aggregator on `in_dim`-d tile features; `resnet18_state` (a torchvision ResNet18 state dict)
+        is used by aggregators that start from ResNet18 weights, ignored by the others."""
+        return cls(in_dim)
+
+
+_REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register_aggregator(name: str):
+    """Class decorator: registers an ``Aggregator`` subclass under `name` (``--aggregator``)."""
+
+    def wrap(cls: type[Aggregator]) -> type[Aggregator]:
+        if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
+            raise TypeError(f"aggregator {name!r}: {cls!r} is not an Aggregator subclass")
+        if name in _REGISTRY:
+            raise ValueError(f"aggregator {name!r} registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_aggregators() -> list[str]:
+    """The registered names, in registration order (the default, sparse-layer4, first)."""
+    return list(_REGISTRY)
+
+
+def build_aggregator(name: str, in_dim: int, resnet18_state: dict | None = None) -> Aggregator:
+    """The aggregator `name` on `in_dim`-d tile features (train mode, as built by torch)."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise GigasslError(f"--aggregator: unknown aggregator {name!r}{hint} (known: {', '.join(list_aggregators())})")
+    return _REGISTRY[name].build(in_dim, resnet18_state)
