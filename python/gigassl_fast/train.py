@@ -245,9 +245,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     model = model.to(device)
     if params.sync_bn and world > 1:
         model = convert_global_bn(model)
-        for m in model.modules():
-            if hasattr(m, "sync_spatial_size"):
-                m.sync_spatial_size = True
+        model.backbone.configure_distributed()
     opt = torch.optim.Adam(model.parameters(), lr=0.0, weight_decay=params.weight_decay)
     gen = torch.Generator(device="cpu").manual_seed(params.seed * 7919 + rank)
     order_gen = torch.Generator().manual_seed(params.seed)  # same slide order on every rank

@@ -20,6 +20,12 @@ class Aggregator(nn.Module):
         is used by aggregators that start from ResNet18 weights, ignored by the others."""
         return cls(in_dim)
 
+    def configure_distributed(self) -> None:
+        """Called by training when several processes train one model with batch-norm statistics over all
+        of them (``train --sync-bn`` under torch.distributed), once the model is on its device: whatever
+        else the forward computes over the batch is then computed over every process's batch. Nothing to
+        do by default."""
+
 
 _REGISTRY: dict[str, type[Aggregator]] = {}
 

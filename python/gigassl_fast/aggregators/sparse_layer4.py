@@ -88,8 +88,9 @@ class SparseConvMIL(Aggregator):
     Args:
         exact_cells: grid cells by exact integer arithmetic instead of the reference's float32 path.
 
-    ``sync_spatial_size`` (set by ``train --sync-bn`` under torch.distributed) takes the spatial size over
-    every process's batch, so that several processes compute what one would with the whole batch.
+    ``sync_spatial_size`` (set by ``configure_distributed``, i.e. by ``train --sync-bn`` under
+    torch.distributed) takes the spatial size over every process's batch, so that several processes
+    compute what one would with the whole batch.
     """
 
     def __init__(self, exact_cells: bool = False) -> None:
@@ -108,6 +109,10 @@ class SparseConvMIL(Aggregator):
             raise GigasslError(f"--aggregator sparse-layer4 takes 256-d tile features (ResNet18 layer3); the store "
                                f"has {in_dim}-d: encode with resnet18-l3, or project with `gigassl-fast pca --dim 256`")
         return cls.from_resnet18(resnet18_state) if resnet18_state else cls()
+
+    def configure_distributed(self) -> None:
+        """The spatial size over every process's batch (``sync_spatial_size``)."""
+        self.sync_spatial_size = True
 
     # -- weights ---------------------------------------------------------------------------------
     @classmethod
