@@ -326,15 +326,15 @@ def check_kernels() -> dict:
     scores, values = rnd(n_seg * seg), rnd(n_seg * seg, 128 if DRY else 512)
     ptr = torch.arange(0, n_seg * seg + 1, seg, device=DEV)
     cases = [
-        ("gather_gemm fp16 x", lambda: sb.gather_gemm_triton(x16, rows, w), lambda: sb.gather_gemm_reference(x16, rows, w)),
+        ("gather_gemm fp16 x", lambda: sb.gather_gemm_triton(x16, rows, w), lambda: sb.gather_gemm_twin(x16, rows, w)),
         ("gather_gemm fp32 x", lambda: sb.gather_gemm_triton(x16.float(), rows, w),
-         lambda: sb.gather_gemm_reference(x16.float(), rows, w)),
+         lambda: sb.gather_gemm_twin(x16.float(), rows, w)),
         ("gather_linear_relu", lambda: sb.gather_gemm_triton(x16, rows, w, bias=b, relu=True),
-         lambda: sb.gather_linear_relu_reference(x16, rows, w, b)),
+         lambda: sb.gather_linear_relu_twin(x16, rows, w, b)),
         ("tap_scatter", lambda: sb.tap_scatter_triton(y, src, dst, tap, n_out),
-         lambda: sb.tap_scatter_reference(y, src, dst, tap, n_out)),
+         lambda: sb.tap_scatter_twin(y, src, dst, tap, n_out)),
         ("segment_softmax_pool", lambda: sb.segment_softmax_pool_triton(scores, values, ptr),
-         lambda: sb.segment_softmax_pool_reference(scores, values, ptr)),
+         lambda: sb.segment_softmax_pool_twin(scores, values, ptr)),
     ]
     rows_out, ok = [], True
     for name, kern, twin in cases:
@@ -353,11 +353,11 @@ def check_kernels() -> dict:
     rg = rows % len(xg)
     for name, fn_k, fn_t, inputs in [
         ("gather_gemm grad", lambda a, ww: sb._GatherGemm.apply(a, rg, ww, None, False),
-         lambda a, ww: sb.gather_gemm_reference(a, rg, ww), (xg, w)),
+         lambda a, ww: sb.gather_gemm_twin(a, rg, ww), (xg, w)),
         ("tap_scatter grad", lambda yy: sb._TapScatter.apply(yy, src, dst, tap, n_out),
-         lambda yy: sb.tap_scatter_reference(yy, src, dst, tap, n_out), (y,)),
+         lambda yy: sb.tap_scatter_twin(yy, src, dst, tap, n_out), (y,)),
         ("segment_softmax_pool grad", lambda s_, v_: sb._SegmentSoftmaxPool.apply(s_, v_, ptr),
-         lambda s_, v_: sb.segment_softmax_pool_reference(s_, v_, ptr), (scores, values)),
+         lambda s_, v_: sb.segment_softmax_pool_twin(s_, v_, ptr), (scores, values)),
     ]:
         ins_k = [t.detach().clone().requires_grad_(True) for t in inputs]
         ins_t = [t.detach().clone().requires_grad_(True) for t in inputs]

@@ -39,17 +39,17 @@ def exact_dots() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- twins
 
 
-def gather_gemm_reference(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gather_gemm_twin(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """float32 (len(rows), N): x[rows] @ w, computed in float32."""
     return x[rows].float() @ w.float()
 
 
-def gather_linear_relu_reference(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def gather_linear_relu_twin(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """float32 (len(rows), N): relu(x[rows] @ w + b), for the mlp and abmil aggregators' first layer."""
     return torch.relu(x[rows].float() @ w.float() + b.float())
 
 
-def segment_softmax_pool_reference(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+def segment_softmax_pool_twin(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
     """(S, C): for each segment [ptr[s], ptr[s+1]), softmax of its scores weighting the sum of its values
     (attention pooling of the tiles of each view)."""
     seg = torch.repeat_interleave(torch.arange(len(ptr) - 1, device=ptr.device), ptr[1:] - ptr[:-1])
@@ -62,8 +62,8 @@ def segment_softmax_pool_reference(scores: torch.Tensor, values: torch.Tensor, p
     return torch.zeros(n, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, seg, a[:, None] * values)
 
 
-def tap_scatter_reference(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
-                          n_out: int) -> torch.Tensor:
+def tap_scatter_twin(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
+                     n_out: int) -> torch.Tensor:
     """(n_out, C): out[dst[p]] += y[src[p], tap[p]] for every pair p; y is (N_in, 9, C)."""
     out = torch.zeros(n_out, y.shape[2], dtype=y.dtype, device=y.device)
     return out.index_add_(0, dst, y[src, tap])
@@ -161,12 +161,12 @@ class _TapScatter(torch.autograd.Function):
 
 def gather_gemm(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """float32 (len(rows), N) = x[rows] @ w: the Triton kernel where it runs, else the twin."""
-    return _GatherGemm.apply(x, rows, w, None, False) if use_triton(x) else gather_gemm_reference(x, rows, w)
+    return _GatherGemm.apply(x, rows, w, None, False) if use_triton(x) else gather_gemm_twin(x, rows, w)
 
 
 def tap_scatter(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor, n_out: int) -> torch.Tensor:
     """(n_out, C) = sum of y[src, tap] into dst: the Triton kernel where it runs, else the twin."""
-    return _TapScatter.apply(y, src, dst, tap, n_out) if use_triton(y) else tap_scatter_reference(y, src, dst, tap, n_out)
+    return _TapScatter.apply(y, src, dst, tap, n_out) if use_triton(y) else tap_scatter_twin(y, src, dst, tap, n_out)
 
 
 def segment_softmax_pool_triton(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
@@ -193,17 +193,17 @@ class _SegmentSoftmaxPool(torch.autograd.Function):
         scores, values, ptr = ctx.saved_tensors
         with torch.enable_grad():
             s, v = scores.detach().requires_grad_(True), values.detach().requires_grad_(True)
-            out = segment_softmax_pool_reference(s, v, ptr)
+            out = segment_softmax_pool_twin(s, v, ptr)
             gs, gv = torch.autograd.grad(out, (s, v), grad)
         return gs, gv, None
 
 
 def gather_linear_relu(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """relu(x[rows] @ w + b): the fused Triton kernel where it runs, else the twin."""
-    return _GatherGemm.apply(x, rows, w, b, True) if use_triton(x) else gather_linear_relu_reference(x, rows, w, b)
+    return _GatherGemm.apply(x, rows, w, b, True) if use_triton(x) else gather_linear_relu_twin(x, rows, w, b)
 
 
 def segment_softmax_pool(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
     """Attention pooling per segment: the Triton kernel where it runs, else the twin."""
     return _SegmentSoftmaxPool.apply(scores, values, ptr) if use_triton(values) else \
-        segment_softmax_pool_reference(scores, values, ptr)
+        segment_softmax_pool_twin(scores, values, ptr)

@@ -39,7 +39,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("m,k,n", [(37, 48, 72), (130, 256, 9 * 40)])
 def test_gather_gemm_float32(m, k, n):
-    from gigassl_fast.kernels.sparse_bag import gather_gemm_reference, gather_gemm_triton
+    from gigassl_fast.kernels.sparse_bag import gather_gemm_triton, gather_gemm_twin
 
     g = torch.Generator().manual_seed(m)
     x = torch.randn(500, k, generator=g).to(_dev())
@@ -47,7 +47,7 @@ def test_gather_gemm_float32(m, k, n):
     rows = torch.randint(0, 500, (m,), generator=g).to(_dev())
     ref = (x.double()[rows] @ w.double())
     assert _rel(gather_gemm_triton(x, rows, w, ieee=True), ref) < 1e-6
-    assert _rel(gather_gemm_reference(x, rows, w), ref) < 1e-6
+    assert _rel(gather_gemm_twin(x, rows, w), ref) < 1e-6
 
 
 def test_gather_gemm_bf16_store():
@@ -63,7 +63,7 @@ def test_gather_gemm_bf16_store():
 
 @pytest.mark.parametrize("n_in,n_out,c", [(23, 17, 40), (200, 150, 130)])
 def test_tap_scatter_matches_twin(n_in, n_out, c):
-    from gigassl_fast.kernels.sparse_bag import tap_scatter_reference, tap_scatter_triton
+    from gigassl_fast.kernels.sparse_bag import tap_scatter_triton, tap_scatter_twin
 
     g = torch.Generator().manual_seed(n_in)
     y = torch.randn(n_in, 9, c, generator=g).to(_dev())
@@ -72,13 +72,13 @@ def test_tap_scatter_matches_twin(n_in, n_out, c):
     dst = torch.randint(0, n_out, (pairs,), generator=g).to(_dev())
     tap = torch.randint(0, 9, (pairs,), generator=g).to(_dev())
     ours = tap_scatter_triton(y, src, dst, tap, n_out)
-    ref = tap_scatter_reference(y.double(), src, dst, tap, n_out)
+    ref = tap_scatter_twin(y.double(), src, dst, tap, n_out)
     assert _rel(ours, ref) < 1e-6
     assert torch.isfinite(ours).all() and ours.shape == (n_out, c)
 
 
 def test_backward_matches_twin():
-    from gigassl_fast.kernels.sparse_bag import gather_gemm, gather_gemm_reference, tap_scatter, tap_scatter_reference
+    from gigassl_fast.kernels.sparse_bag import gather_gemm, gather_gemm_twin, tap_scatter, tap_scatter_twin
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(60, 32, generator=g).to(_dev())
@@ -89,7 +89,7 @@ def test_backward_matches_twin():
     tap = torch.randint(0, 9, (90,), generator=g).to(_dev())
     target = torch.randn(25, 16, generator=g).to(_dev())
     grads = []
-    for gg, ts in ((gather_gemm, tap_scatter), (gather_gemm_reference, tap_scatter_reference)):
+    for gg, ts in ((gather_gemm, tap_scatter), (gather_gemm_twin, tap_scatter_twin)):
         wk = w.clone().requires_grad_(True)
         y = gg(x, rows, wk).view(40, 9, 16)
         out = ts(y, src, dst, tap, 25)
@@ -99,7 +99,7 @@ def test_backward_matches_twin():
 
 
 def test_gather_linear_relu_matches_twin():
-    from gigassl_fast.kernels.sparse_bag import gather_gemm_triton, gather_linear_relu_reference
+    from gigassl_fast.kernels.sparse_bag import gather_gemm_triton, gather_linear_relu_twin
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(200, 48, generator=g).to(_dev())
@@ -108,20 +108,20 @@ def test_gather_linear_relu_matches_twin():
     rows = torch.randint(0, 200, (33,), generator=g).to(_dev())
     ours = gather_gemm_triton(x, rows, w, ieee=True, bias=b, relu=True)
     ref = torch.relu(x.double()[rows] @ w.double() + b.double())
-    assert _rel(ours, ref) < 1e-6 and _rel(gather_linear_relu_reference(x, rows, w, b), ref) < 1e-6
+    assert _rel(ours, ref) < 1e-6 and _rel(gather_linear_relu_twin(x, rows, w, b), ref) < 1e-6
     assert (ours >= 0).all()
 
 
 @pytest.mark.parametrize("lengths", [[5, 5, 5, 5], [1, 7, 3, 12, 2]])
 def test_segment_softmax_pool_forward_and_backward(lengths):
-    from gigassl_fast.kernels.sparse_bag import segment_softmax_pool, segment_softmax_pool_reference
+    from gigassl_fast.kernels.sparse_bag import segment_softmax_pool, segment_softmax_pool_twin
 
     g = torch.Generator().manual_seed(len(lengths))
     n = sum(lengths)
     ptr = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]).to(_dev())
     grads = []
     cotangent = torch.randn(len(lengths), 40, generator=g).to(_dev())
-    for fn in (segment_softmax_pool, segment_softmax_pool_reference):
+    for fn in (segment_softmax_pool, segment_softmax_pool_twin):
         s = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(_dev()).requires_grad_(True)
         v = torch.randn(n, 40, generator=torch.Generator().manual_seed(2)).to(_dev()).requires_grad_(True)
         out = fn(s, v, ptr)
