@@ -42,7 +42,7 @@ test-orders: $(STAMP)
 	for seed in 1 2 3; do $(PY) -m pytest -q --random-order-bucket=$(ORDER_BUCKET) --random-order-seed=$$seed || exit 1; done
 
 demo: $(STAMP)
-	$(VENV)/bin/gigassl-fast demo --out demo_out
+	$(VENV)/bin/gigassl-fast demo --out demo_out $(if $(wildcard ../shared/data/slides),--sample-slides data/sample_slides.csv)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check python tests benchmarks kernels

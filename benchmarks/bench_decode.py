@@ -23,21 +23,19 @@ engine >= 90% of raw per core, >= 3.5x cuCIM at level-exact reads, >= 1.7x from 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from gigassl_fast.benchmarks.common import machine, time_runs, write_json
+from gigassl_fast.benchmarks.workloads import realistic_cohort
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import machine, time_runs, write_json  # noqa: E402
-from benchmarks.workloads import realistic_cohort  # noqa: E402
-from gigassl_fast.slides import Slide  # noqa: E402
-from gigassl_fast.slides.backends import OpenSlideBackend  # noqa: E402
-from gigassl_fast.slides.jpeg_engine import RegionPass, level_positions  # noqa: E402
-from gigassl_fast.tiling import TileParams, tile_slide  # noqa: E402
+from gigassl_fast.slides import Slide
+from gigassl_fast.slides.backends import OpenSlideBackend
+from gigassl_fast.slides.jpeg_engine import RegionPass, level_positions
+from gigassl_fast.tiling import TileParams, tile_slide
 
 BATCH = 64
 #: Regions OpenSlide reads per run (it is timed on a sample: at 150-550 regions/s the whole grid is slow).
@@ -91,27 +89,34 @@ def timed_readers(s: Slide, xy: np.ndarray, level: int, size: int, streams: list
         osl.close()
 
 
-def run(args: argparse.Namespace) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    tissue_tiles: int = 3000  # per slide, at 1 µm/px
+    runs: int = 3
+    workdir: str | None = None  # where the generated slides are kept (default /tmp/gigassl_bench_workloads)
+
+
+def run(cfg: Settings) -> dict:
     cores = os.cpu_count() or 1
     threads = sorted({1, cores})
-    workdir = getattr(args, "workdir", None) or "/tmp/gigassl_bench_workloads"
-    paths = realistic_cohort(workdir, 2, args.tissue_tiles, ("40x", "20x"))
+    workdir = cfg.workdir or "/tmp/gigassl_bench_workloads"
+    paths = realistic_cohort(workdir, 2, cfg.tissue_tiles, ("40x", "20x"))
     results = []
     for path in paths:
         kind = "40x" if "_40x_" in os.path.basename(path) else "20x"
         with Slide(path) as s:
             grid = tile_slide(s, TileParams())
-            level, size = int(grid.attrs["read_level"]), int(grid.attrs["read_tile_size"])
+            level, size = grid.read_level, grid.read_tile_size
             xy = grid.coords
             assert s.decode_path(level)[0].startswith("libjpeg-turbo"), s.decode_path(level)
             streams = raw_streams(s, xy, level, size)
             n = len(xy)
             row = {"slide": kind, "path": path, "regions": n, "source_tiles": len(streams), "level": level,
                    "region_px": size, "rates": {}, "timings": {}}
-            for key, t, count in timed_readers(s, xy, level, size, streams, threads, args.runs):
+            for key, t, count in timed_readers(s, xy, level, size, streams, threads, cfg.runs):
                 row["timings"][key] = t
                 row["rates"][key] = count / t["median_s"]
-                print(f"{kind} {key:<14} {count / t['median_s']:9.0f} regions/s  (median of {args.runs}, "
+                print(f"{kind} {key:<14} {count / t['median_s']:9.0f} regions/s  (median of {cfg.runs}, "
                       f"{t['min_s']:.2f}-{t['max_s']:.2f} s)", flush=True)
             r = row["rates"]
             row["ratios"] = {
@@ -141,9 +146,11 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/gigassl_bench_workloads", help="where the generated slides are kept")
     ap.add_argument("--out", default="bench_out/bench_decode.json")
     args = ap.parse_args()
+    settings = Settings(**{k: v for k, v in vars(args).items() if k != "out"})
     t = time.time()
-    out = run(args)
-    report = {"benchmark": "decode", "machine": machine(), "settings": vars(args), "seconds": time.time() - t, **out}
+    out = run(settings)
+    report = {"benchmark": "decode", "machine": machine(), "settings": dataclasses.asdict(settings),
+              "seconds": time.time() - t, **out}
     write_json(args.out, report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; results in {args.out}")
 

@@ -13,27 +13,34 @@ checked against SparseConvNet's outputs in the test suite, so this script compar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+from gigassl_fast.benchmarks.common import bench_device, machine, time_runs, write_json
+from gigassl_fast.benchmarks.reference.embed import original_embed, write_normal_dataset
+from gigassl_fast.benchmarks.reference.train import OriginalSparseConvMIL
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.common import bench_device, machine, time_runs, write_json  # noqa: E402
-from benchmarks.reference.embed import original_embed, write_normal_dataset  # noqa: E402
-from benchmarks.reference.train import OriginalSparseConvMIL  # noqa: E402
-from gigassl_fast import SparseConvMIL  # noqa: E402
-from gigassl_fast.embed import EmbedParams, iter_slides, view_indices  # noqa: E402
-from gigassl_fast.h5files import write_attrs  # noqa: E402
+from gigassl_fast import SparseConvMIL
+from gigassl_fast.augment import PARAM_COLUMNS
+from gigassl_fast.embed import EmbedParams, iter_slides, view_indices
+from gigassl_fast.features import write_features
 
 
-def run(args: argparse.Namespace) -> dict:
-    dev = bench_device(getattr(args, "device", "auto"))
-    s, v, n = args.slides, args.views, getattr(args, "tiles", 3000)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    slides: int = 50
+    tiles: int = 3000  # tissue tiles per slide
+    views: int = 100
+    runs: int = 3
+    device: str = "auto"
+
+
+def run(cfg: Settings) -> dict:
+    dev = bench_device(cfg.device)
+    s, v, n = cfg.slides, cfg.views, cfg.tiles
     rng = np.random.default_rng(0)
     root = tempfile.mkdtemp(prefix="bench_embed_")
     ids = [f"slide{i}" for i in range(s)]
@@ -43,10 +50,11 @@ def run(args: argparse.Namespace) -> dict:
     ours_dir = os.path.join(root, "features")
     os.makedirs(ours_dir)
     for i, f, c in zip(ids, feats, coords, strict=True):
-        with h5py.File(os.path.join(ours_dir, f"{i}.h5"), "w") as fh:
-            fh.create_dataset("features", data=f.astype(np.float16))
-            fh.create_dataset("coords", data=c.astype(np.int64))
-            write_attrs(fh, {"complete": True, "slide_id": i})
+        # plain features only (embed reads no augmented ones)
+        write_features(os.path.join(ours_dir, f"{i}.h5"),
+                       {"coords": c.astype(np.int64), "features": f.astype(np.float16),
+                        "indices": np.zeros((0, 1), np.int32), "aug_features": np.zeros((0, 1, f.shape[1]), np.float16),
+                        "aug_params": np.zeros((0, len(PARAM_COLUMNS)), np.float32)}, {"slide_id": i})
     torch.manual_seed(0)
     model = SparseConvMIL().to(dev).eval()
     ref_model = OriginalSparseConvMIL().to(dev).eval()
@@ -73,8 +81,8 @@ def run(args: argparse.Namespace) -> dict:
     def reference():
         return original_embed(ref_model, os.path.join(root, "original"), ids, views=v, device=dev)
 
-    t_ours = time_runs(ours, runs=args.runs)
-    t_ref = time_runs(reference, runs=max(1, args.runs // 2), warmup=0)
+    t_ours = time_runs(ours, runs=cfg.runs)
+    t_ref = time_runs(reference, runs=max(1, cfg.runs // 2), warmup=0)
     speedup = t_ref["median_s"] / t_ours["median_s"]
     print(f"ours       {t_ours['median_s']:8.3f} s  {s / t_ours['median_s']:8.1f} slides/s")
     print(f"reference  {t_ref['median_s']:8.3f} s  {s / t_ref['median_s']:8.1f} slides/s")
@@ -94,7 +102,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda")
     ap.add_argument("--out", default="bench_out/bench_embed.json")
     args = ap.parse_args()
-    write_json(args.out, {"benchmark": "embed", "machine": machine(), "config": vars(args), **run(args)})
+    settings = Settings(**{k: v for k, v in vars(args).items() if k != "out"})
+    write_json(args.out, {"benchmark": "embed", "machine": machine(), "config": dataclasses.asdict(settings), **run(settings)})
 
 
 if __name__ == "__main__":

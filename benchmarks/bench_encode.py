@@ -22,27 +22,26 @@ batch left. Both sides use the same random ResNet18 weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+from gigassl_fast.benchmarks.common import machine, time_runs, write_json
+from gigassl_fast.benchmarks.reference.encode import FullResNet18, extrapolated_seconds, original_encode
+from gigassl_fast.benchmarks.reference.tiling import reference_check_patch_grid, reference_otsu_gray_mask
+from gigassl_fast.benchmarks.workloads import realistic_cohort
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.common import machine, time_runs, write_json  # noqa: E402
-from benchmarks.reference.encode import FullResNet18, extrapolated_seconds, original_encode  # noqa: E402
-from benchmarks.reference.tiling import reference_check_patch_grid, reference_otsu_gray_mask  # noqa: E402
-from benchmarks.workloads import realistic_cohort  # noqa: E402
-from gigassl_fast.cohort import collect_slides  # noqa: E402
-from gigassl_fast.encode import EncodeParams, features_path  # noqa: E402
-from gigassl_fast.encode_pipeline import run_encode  # noqa: E402
-from gigassl_fast.encoders.inference import TileEncoder  # noqa: E402
-from gigassl_fast.tiling import TileParams, read_tile_file, tile_path  # noqa: E402
+from gigassl_fast.cohort import collect_slides
+from gigassl_fast.encode import EncodeParams
+from gigassl_fast.encode_pipeline import run_encode
+from gigassl_fast.encoders.inference import TileEncoder
+from gigassl_fast.features import FeatureFile, features_path
+from gigassl_fast.tiling import TileParams, read_tile_file, tile_path
 
 QUICK = {"slides": 2, "tissue_tiles": 60, "naug": 2, "nt": 16, "ref_batches": 2}
 
@@ -71,19 +70,32 @@ def encoder_ceiling(enc: TileEncoder, batch_size: int, batches: int = 6) -> floa
     return batch_size / t["median_s"]
 
 
-def run(args: argparse.Namespace) -> dict:
-    if getattr(args, "quick", False):
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-    workdir = getattr(args, "workdir", None) or "/tmp/gigassl_bench_workloads"
-    paths = realistic_cohort(workdir, n_slides=args.slides, tissue_tiles=args.tissue_tiles)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    slides: int = 4
+    tissue_tiles: int = 3000  # per slide, at 1 µm/px
+    naug: int = 50
+    nt: int = 256
+    runs: int = 1  # end-to-end runs of ours (median)
+    ref_batches: int | None = None  # per reference pass and slide (default: 3 on a CPU, 2 x workers + 3 on a GPU)
+    ref_workers: int = 5  # the original's DataLoader workers
+    quick: bool = False  # QUICK's cohort and 2 x 16 (CI)
+    workdir: str | None = None  # where the generated slides are kept (default /tmp/gigassl_bench_workloads)
+    device: str = "auto"
+
+
+def run(cfg: Settings) -> dict:
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, **QUICK)
+    workdir = cfg.workdir or "/tmp/gigassl_bench_workloads"
+    paths = realistic_cohort(workdir, n_slides=cfg.slides, tissue_tiles=cfg.tissue_tiles)
     tmp = tempfile.mkdtemp(prefix="bench_encode_")
     weights = os.path.join(tmp, "w.pth")
     torch.manual_seed(0)
     ref_model = FullResNet18()
     torch.save(ref_model.state_dict(), weights)
-    params = EncodeParams(encoder="resnet18-l3", weights=weights, naug=args.naug, nt=args.nt,
-                          device=getattr(args, "device", "auto"), tiles=TileParams(mpp=1.0)).validate()
+    params = EncodeParams(encoder="resnet18-l3", weights=weights, naug=cfg.naug, nt=cfg.nt,
+                          device=cfg.device, tiles=TileParams(mpp=1.0)).validate()
     entries = collect_slides(paths)
 
     # ours, end to end as the CLI runs it (a fresh output folder per run: nothing reused)
@@ -93,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
         out = os.path.join(tmp, f"ours{len(summaries)}")
         summaries.append(run_encode(entries, params, out, overwrite=True))
 
-    t_ours = time_runs(ours, runs=args.runs, warmup=0)
+    t_ours = time_runs(ours, runs=cfg.runs, warmup=0)
     last = summaries[-1]
     failed = [r.slide_id for r in last.records if r.status != "done"]
     if failed:
@@ -103,23 +115,23 @@ def run(args: argparse.Namespace) -> dict:
     # ours encodes each distinct tile of an augmented batch once: count the encoder's real passes
     passes = 0
     for e in entries:
-        with h5py.File(features_path(out_dir, e.slide_id), "r") as fh:
-            passes += int(fh["coords"].shape[0]) + sum(len(np.unique(row)) for row in fh["aug/indices"][:])
+        with FeatureFile(features_path(out_dir, e.slide_id)) as fh:
+            passes += fh.n_tiles + sum(len(np.unique(row)) for row in fh.aug_indices())
     seconds = last.config["throughput"]["seconds"]
     enc = params.tile_encoder()
     ceiling = encoder_ceiling(enc, params.resolved_batch_size())
     total_tiles = sum(n_tiles.values())
-    work_tiles = total_tiles + args.naug * args.nt * len(entries)
+    work_tiles = total_tiles + cfg.naug * cfg.nt * len(entries)
 
     # the reference, slide by slide. Its workers prefetch 2 batches each: on a GPU, where the pass waits
     # on reads, the first batches after the first arrive early, so time more than that first wave there.
-    ref_batches = args.ref_batches or (3 if enc.device.type == "cpu" else 2 * args.ref_workers + 3)
+    ref_batches = cfg.ref_batches or (3 if enc.device.type == "cpu" else 2 * cfg.ref_workers + 3)
     ref_rows = []
     for e in entries:
         grid = read_tile_file(tile_path(out_dir, e.slide_id)).coords
         t_tile = reference_tiling(e.path)
-        out = original_encode(e.path, grid, 1, ref_model, os.path.join(tmp, "ref"), args.naug, args.nt,
-                              enc.device, workers=args.ref_workers, aug_batches=ref_batches, plain_batches=ref_batches)
+        out = original_encode(e.path, grid, 1, ref_model, os.path.join(tmp, "ref"), cfg.naug, cfg.nt,
+                              enc.device, workers=cfg.ref_workers, aug_batches=ref_batches, plain_batches=ref_batches)
         aug_s = extrapolated_seconds(out["aug_batch_s"], out["aug_batches_total"])
         plain_s = extrapolated_seconds(out["plain_batch_s"], out["plain_batches_total"])
         ref_rows.append({"slide": e.slide_id, "tissue_tiles": n_tiles[e.slide_id], "tiling_s": t_tile,
@@ -136,14 +148,14 @@ def run(args: argparse.Namespace) -> dict:
              "encoder_passes": passes, "encoder_ceiling_tiles_per_s": ceiling,
              "fraction_of_encoder_ceiling": passes / ours_s / ceiling,
              "decode_tiles_per_s": total_tiles / seconds["read"] if seconds["read"] else None,
-             "augment_tiles_per_s": args.naug * args.nt * n / seconds["augment"] if seconds["augment"] else None,
+             "augment_tiles_per_s": cfg.naug * cfg.nt * n / seconds["augment"] if seconds["augment"] else None,
              "encoder_in_run_tiles_per_s": passes / seconds["encode"] if seconds["encode"] else None,
              "reference_slides_per_hour": 3600 * n / ref_s, "reference_tiles_per_s": work_tiles / ref_s}
     speedup = ref_s / ours_s
     print(f"ours       {ours_s:8.1f} s  {rates['slides_per_hour']:7.1f} slides/h  {rates['tiles_per_s']:7.1f} tiles/s "
           f"({100 * rates['fraction_of_encoder_ceiling']:.0f}% of the encoder alone, {ceiling:.0f} tiles/s)")
     print(f"reference  {ref_s:8.1f} s  {rates['reference_slides_per_hour']:7.1f} slides/h (extrapolated)")
-    print(f"speedup {speedup:.2f}x  ({n} slides, {total_tiles} tissue tiles, Naug {args.naug} x Nt {args.nt}, device "
+    print(f"speedup {speedup:.2f}x  ({n} slides, {total_tiles} tissue tiles, Naug {cfg.naug} x Nt {cfg.nt}, device "
           f"{enc.device}, precision {enc.precision})")
     print("ours by stage: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()
                                         if v and k.endswith("tiles_per_s") and not k.startswith("reference")))
@@ -170,8 +182,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda: both sides run there")
     ap.add_argument("--out", default="bench_out/bench_encode.json")
     args = ap.parse_args()
-    out = run(args)
-    write_json(args.out, {"benchmark": "encode", "machine": machine(), "config": vars(args), **out})
+    settings = Settings(**{k: v for k, v in vars(args).items() if k != "out"})
+    out = run(settings)
+    write_json(args.out, {"benchmark": "encode", "machine": machine(), "config": dataclasses.asdict(settings), **out})
 
 
 if __name__ == "__main__":

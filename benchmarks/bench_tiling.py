@@ -28,16 +28,14 @@ import os
 import sys
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import machine, time_runs, write_json  # noqa: E402
-from benchmarks.reference.tiling import (  # noqa: E402
+from gigassl_fast.benchmarks.common import machine, time_runs, write_json
+from gigassl_fast.benchmarks.reference.tiling import (
     openslide_like_read,
     reference_check_patch_grid,
     reference_otsu_gray_mask,
 )
-from gigassl_fast import _core  # noqa: E402
+
+from gigassl_fast import _core
 
 # Grid geometry for synthetic thumbnails: an 8 µm/px mask of a 0.25 µm/px scan, 224 px tiles at 1 µm/px.
 MASK_DOWNSAMPLE = 32

@@ -19,18 +19,15 @@ the same count, though SparseConvNet also computes the first layer's input gradi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.common import bench_device, machine, matmul_rates, time_runs, write_json  # noqa: E402
-from benchmarks.reference.train import (  # noqa: E402
+import numpy as np
+import torch
+from gigassl_fast.benchmarks.common import bench_device, machine, matmul_rates, time_runs, write_json
+from gigassl_fast.benchmarks.reference.train import (
     OriginalSimCLRMIL,
     corrected_size,
     input_layer,
@@ -40,8 +37,10 @@ from benchmarks.reference.train import (  # noqa: E402
     submanifold_rules,
     write_reference_dataset,
 )
-from gigassl_fast.train import build_model, contrastive_step, train_precision  # noqa: E402
-from gigassl_fast.views import view_pair  # noqa: E402
+
+from gigassl_fast.runtime import train_precision
+from gigassl_fast.train import build_model, contrastive_step
+from gigassl_fast.views import view_pair
 
 
 def synthetic_store(slides: int, naug: int, nt: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -88,13 +87,26 @@ def step_gflop(locations: torch.Tensor) -> float:
     return 3 * fwd - first
 
 
-def run(args: argparse.Namespace) -> dict:
-    dev = bench_device(getattr(args, "device", "auto"))
-    sizes = [int(b) for b in (args.batch_sizes if isinstance(args.batch_sizes, list) else str(args.batch_sizes).split(","))]
-    s, naug, nt = args.slides, args.naug, args.nt
-    workers = args.workers if getattr(args, "workers", None) is not None else min(10, os.cpu_count() or 1)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    slides: int = 1000
+    naug: int = 10  # augmentation files per slide (the original stores 50)
+    nt: int = 256
+    batch_sizes: tuple[int, ...] = (64, 256)
+    runs: int = 5
+    workers: int | None = None  # reference DataLoader workers (default: 10, capped by cores)
+    precision: str = "auto"  # ours, as `train --precision`
+    workdir: str | None = None  # where the reference store is kept between runs (default /tmp/gigassl_bench_train)
+    device: str = "auto"
+
+
+def run(cfg: Settings) -> dict:
+    dev = bench_device(cfg.device)
+    sizes = [int(b) for b in cfg.batch_sizes]
+    s, naug, nt = cfg.slides, cfg.naug, cfg.nt
+    workers = cfg.workers if cfg.workers is not None else min(10, os.cpu_count() or 1)
     feats, coords = synthetic_store(s, naug, nt)
-    root = reference_store(getattr(args, "workdir", None) or "/tmp/gigassl_bench_train", feats, coords)
+    root = reference_store(cfg.workdir or "/tmp/gigassl_bench_train", feats, coords)
     store_f, store_xy = torch.from_numpy(feats).to(dev), torch.from_numpy(coords).to(dev)
     rates = matmul_rates(dev)
     rows, per_size = [], {}
@@ -103,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         model = build_model("sparse-layer4", 256).to(dev).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(0)
-        bf16 = train_precision(getattr(args, "precision", "auto"), dev) == "bf16"
+        bf16 = train_precision(cfg.precision, dev) == "bf16"
         count_gen = torch.Generator().manual_seed(1)
         flops = []
         for _ in range(3):
@@ -117,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
             contrastive_step(model, v1, v2, 0.05, bf16)
             opt.step()
 
-        t_ours = time_runs(ours, runs=args.runs, warmup=1)
+        t_ours = time_runs(ours, runs=cfg.runs, warmup=1)
         gflop = statistics.median(flops)
 
         # The sparse layer alone (forward and backward of the backbone, no data, no loss).
@@ -130,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
             out.float().sum().backward()
 
         backbone_gflop = step_gflop(v1[1]) - 3 * b * 2 * (2 * 512 * 512 + 512 * 256) / 1e9
-        t_layer = time_runs(layer, runs=args.runs, warmup=1)
+        t_layer = time_runs(layer, runs=cfg.runs, warmup=1)
 
         ref = OriginalSimCLRMIL().to(dev).train()
         ref_opt = torch.optim.Adam(ref.parameters(), lr=0.03)
@@ -138,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
         it = iter(loader)
         phases = {"data_s": [], "step_s": [], "forward_s": [], "backward_s": [], "optimizer_s": []}
         steps_per_epoch = len(loader)
-        for i in range(args.runs + 2):  # two warm-up steps: worker start-up, first allocations
+        for i in range(cfg.runs + 2):  # two warm-up steps: worker start-up, first allocations
             t = time.perf_counter()
             try:
                 batch_data = next(it)
@@ -199,8 +211,10 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda: both sides run there")
     ap.add_argument("--out", default="bench_out/bench_train.json")
     args = ap.parse_args()
-    out = run(args)
-    write_json(args.out, {"benchmark": "train", "machine": machine(), "config": vars(args), **out})
+    settings = Settings(**{k: v for k, v in vars(args).items() if k != "out"})
+    settings = dataclasses.replace(settings, batch_sizes=tuple(int(b) for b in str(args.batch_sizes).split(",") if b))
+    out = run(settings)
+    write_json(args.out, {"benchmark": "train", "machine": machine(), "config": dataclasses.asdict(settings), **out})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    from gigassl_fast.compute import cpu_has_amx_bf16
+    from gigassl_fast.runtime import cpu_has_amx_bf16
 
     info = {"cpu": cpu, "cores": os.cpu_count(), "amx_bf16": cpu_has_amx_bf16(), "python": platform.python_version(),
             "os": platform.platform()}
@@ -60,11 +60,9 @@ def matmul_rates(device) -> dict:
 
 def bench_device(name: str = "auto"):
     """The torch device a benchmark runs both sides on: `auto` is the GPU when there is one."""
-    import torch
+    from gigassl_fast.runtime import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def _sync() -> None:

@@ -139,7 +139,7 @@ def decode_one(slide: str, n: int, workers: int) -> None:
     with Slide(slide) as s:
         grid = tile_slide(s, TileParams(mpp=0.5, tile_size=224, min_tissue=0.0))
         coords = grid.coords[:n]
-        level, size = int(grid.attrs["read_level"]), int(grid.attrs["read_tile_size"])
+        level, size = grid.read_level, grid.read_tile_size
         b = s.backend
         cores = os.cpu_count() or 1
         cpu = b.read_regions_torch(coords, level, size, size, torch.device("cpu"), cores)
@@ -182,7 +182,7 @@ def check_jpeg_engine(slide: str, n_tiles: int) -> dict:
     for name, path, n in variants:
         with Slide(path) as s:
             grid = tile_slide(s, TileParams(mpp=0.5, tile_size=224, min_tissue=0.0))
-            level, size = int(grid.attrs["read_level"]), int(grid.attrs["read_tile_size"])
+            level, size = grid.read_level, grid.read_tile_size
             xy = grid.coords[:n]
             lv = s.engine.level(s.level_dimensions[level])
             pos = level_positions(xy, s.level_downsamples[level])
@@ -240,7 +240,7 @@ def check_encode(slide: str, weights: str) -> dict:
     n = 16 if DRY else 256
     with Slide(slide) as s:
         grid = tile_slide(s, TileParams(mpp=0.5, tile_size=224, min_tissue=0.0))
-        level, size = int(grid.attrs["read_level"]), int(grid.attrs["read_tile_size"])
+        level, size = grid.read_level, grid.read_tile_size
         tiles = s.backend.read_regions_torch(grid.coords[:n], level, size, size, torch.device("cpu"), 8)
     x = tiles.permute(0, 3, 1, 2).float().div(255)
     gpu = TileEncoder("resnet18-l3", weights, DEV)
@@ -260,7 +260,7 @@ def check_encode(slide: str, weights: str) -> dict:
 @section("encode-cli")
 def check_encode_cli(cohort: str, weights: str, tmp: str) -> dict:
     """The cohort encoded on the GPU; its first slide encoded on the CPU too, and the two compared."""
-    from gigassl_fast.encode import read_features
+    from gigassl_fast.features import read_features
 
     first = sorted(os.listdir(cohort))[0]
     # (label, device, slides, --decode): the GPU run twice, JPEG tiles decoded on the CPU (auto) and by

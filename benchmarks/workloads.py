@@ -325,7 +325,7 @@ def main() -> None:
             grid = tile_slide(s, TileParams(mpp=TARGET_MPP, tile_size=TARGET_TILE))
             dims, backend = s.dimensions, s.backend_name
         print(f"{os.path.basename(path)}: {dims[0]}x{dims[1]} px, {os.path.getsize(path) / 1e9:.2f} GB, "
-              f"{len(grid.coords)} tissue tiles (read level {grid.attrs['read_level']}), "
+              f"{len(grid.coords)} tissue tiles (read level {grid.read_level}), "
               f"tile_slide {time.perf_counter() - start:.1f} s ({backend})")
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # benchmarks.reference: the straightforward implementations we compare with
 
 SAMPLE_DIR = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "slides"))
 SVS = os.path.join(SAMPLE_DIR, "cmu_small_region.svs")

@@ -16,7 +16,7 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
     torch.manual_seed(0)
     model = build_model("sparse-layer4", 256)
     model = convert_global_bn(model)
-    model.backbone.sync_spatial_size = True
+    model.backbone.configure_distributed()
     model.train()
     half = data["f1"].shape[0] // world
     sl = slice(rank * half, (rank + 1) * half)

@@ -14,7 +14,7 @@ import torch
 def test_original_encode_plain_pass_matches_our_features(synthetic_slide, tmp_path):
     """The reference's plain pass (OpenSlide reads, unfolded NCHW float32 ResNet18) and ours (our decoder,
     folded batch norms, channels_last) encode the same tiles to the same features."""
-    from benchmarks.reference.encode import FullResNet18, original_encode
+    from gigassl_fast.benchmarks.reference.encode import FullResNet18, original_encode
 
     from gigassl_fast.encode import EncodeParams, encode_slide
     from gigassl_fast.slides import Slide
@@ -29,11 +29,11 @@ def test_original_encode_plain_pass_matches_our_features(synthetic_slide, tmp_pa
     with Slide(synthetic_slide) as s:
         grid = tile_slide(s, params.tiles)
         coords = grid.coords[:6]
-        batches = s.region_batches(coords, int(grid.attrs["read_level"]), 224, 224, params.resolved_batch_size())
-        ours = encode_slide(grid.attrs, coords, params, enc, "x",
+        batches = s.region_batches(coords, grid.read_level, 224, 224, params.resolved_batch_size())
+        ours = encode_slide(grid.tile_size, coords, params, enc, "x",
                             ((torch.from_numpy(t), err) for t, err in batches), {"read": 0, "augment": 0, "encode": 0, "wait": 0})
-    assert int(grid.attrs["read_tile_size"]) == 224  # the reference reads 224 px at the level, no resize
-    out = original_encode(str(synthetic_slide), coords, int(grid.attrs["read_level"]), ref_model, str(tmp_path / "o"),
+    assert grid.read_tile_size == 224  # the reference reads 224 px at the level, no resize
+    out = original_encode(str(synthetic_slide), coords, grid.read_level, ref_model, str(tmp_path / "o"),
                           naug=2, nt=4, workers=0)
     assert len(coords) >= 2 and len(out["aug_batch_s"]) == 2 and len(out["plain_batch_s"]) == -(-len(coords) // 4)
     assert out["plain_batches_total"] == len(coords) / 4
@@ -52,7 +52,7 @@ def test_original_encode_plain_pass_matches_our_features(synthetic_slide, tmp_pa
 
 def test_kornia_augmentations_share_one_draw_per_batch():
     """same_on_batch: identical tiles stay identical through the chain, and the chain changes them."""
-    from benchmarks.reference.encode import kornia_augmentations
+    from gigassl_fast.benchmarks.reference.encode import kornia_augmentations
 
     torch.manual_seed(3)
     tile = torch.rand(1, 3, 256, 256)
@@ -76,7 +76,7 @@ def _rel(a, ref):
 def test_original_sparse_layer4_reproduces_sparseconvnet(fixtures, case):
     """The training reference's SCN stand-in against SparseConvNet's own outputs: train and eval mode,
     the running statistics after a train step, and the batch-of-one forwards the inference reference runs."""
-    from benchmarks.reference.train import OriginalSparseConvMIL
+    from gigassl_fast.benchmarks.reference.train import OriginalSparseConvMIL
 
     p = f"c{case}/"
     feats, locs = torch.from_numpy(fixtures[p + "tile_feats"]), torch.from_numpy(fixtures[p + "locs_input"])
@@ -94,7 +94,7 @@ def test_original_sparse_layer4_reproduces_sparseconvnet(fixtures, case):
 
 @pytest.mark.parametrize("case", range(5))
 def test_original_location_augmentation_reproduces_fixture(fixtures, case):
-    from benchmarks.reference.train import apply_location_augmentation, location_matrix
+    from gigassl_fast.benchmarks.reference.train import apply_location_augmentation, location_matrix
 
     p = f"c{case}/"
     for v, params in enumerate(fixtures[p + "aug_params"]):
@@ -107,7 +107,7 @@ def test_original_location_augmentation_reproduces_fixture(fixtures, case):
 
 def test_original_nt_xent_is_the_simclr_loss():
     """Against a float64 numpy statement: l_i = -log(exp(s_ip/T) / sum_{j != i} exp(s_ij/T)), mean over 2N."""
-    from benchmarks.reference.train import original_nt_xent
+    from gigassl_fast.benchmarks.reference.train import original_nt_xent
 
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
@@ -126,7 +126,7 @@ def test_original_nt_xent_is_the_simclr_loss():
 def test_original_views_read_one_augmentation_file(tmp_path):
     """Each view's five feature rows come from one augmentation file of its slide (the original's
     per-sample loads), with int64 locations; the loader yields (B, 5, D) batches of two views."""
-    from benchmarks.reference.train import OriginalViews, original_loader, write_reference_dataset
+    from gigassl_fast.benchmarks.reference.train import OriginalViews, original_loader, write_reference_dataset
 
     rng = np.random.default_rng(0)
     feats = rng.random((3, 4, 32, 8)).astype(np.float32)
@@ -148,8 +148,8 @@ def test_original_views_read_one_augmentation_file(tmp_path):
 def test_original_embed_averages_one_view_forwards(fixtures, tmp_path):
     """Per slide: coordinates / 4, `views` draws of 5 tiles with replacement (torch.randint, in the
     reference's order), one forward each, the mean of the outputs."""
-    from benchmarks.reference.embed import original_embed, write_normal_dataset
-    from benchmarks.reference.train import OriginalSparseConvMIL
+    from gigassl_fast.benchmarks.reference.embed import original_embed, write_normal_dataset
+    from gigassl_fast.benchmarks.reference.train import OriginalSparseConvMIL
 
     model = OriginalSparseConvMIL().load_dense_layer4(_fixture_state(fixtures)).eval()
     f = [fixtures["c1/tile_feats"][i] for i in range(2)]  # 5 distinct tiles per slide
@@ -172,7 +172,7 @@ def test_original_embed_averages_one_view_forwards(fixtures, tmp_path):
 
 def test_scn_convolution_and_batch_norm_gradients():
     """The hand-written backward passes against numerical gradients (float64)."""
-    from benchmarks.reference.train import SCNBatchNormFunction, SCNConvolution, split_by_tap
+    from gigassl_fast.benchmarks.reference.train import SCNBatchNormFunction, SCNConvolution, split_by_tap
 
     torch.manual_seed(0)
     x = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
@@ -188,8 +188,8 @@ def test_scn_convolution_and_batch_norm_gradients():
 
 
 def test_extrapolation_and_flop_count_by_hand():
-    from benchmarks.bench_train import layer_gflop
-    from benchmarks.reference.encode import extrapolated_seconds
+    from gigassl_fast.benchmarks.bench_train import layer_gflop
+    from gigassl_fast.benchmarks.reference.encode import extrapolated_seconds
 
     # first batch (with start-up) once, then the median of the others for each batch left
     assert extrapolated_seconds([5.0, 1.0, 3.0, 2.0], 10) == 5.0 + 2.0 * 9

@@ -9,8 +9,8 @@ So the level-0 step is 16 * 4 = 64, a grid cell's corner on the mask is its leve
 
 import numpy as np
 import pytest
-from benchmarks import bench_tiling
-from benchmarks.reference.tiling import reference_check_patch_grid
+from gigassl_fast.benchmarks import bench_tiling
+from gigassl_fast.benchmarks.reference.tiling import reference_check_patch_grid
 
 STEP0, MASK_DS, WIN = 64, 8, 9
 

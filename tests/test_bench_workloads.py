@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from benchmarks import workloads
+from gigassl_fast.benchmarks import workloads
 
 from conftest import require_module
 from gigassl_fast.slides import Slide

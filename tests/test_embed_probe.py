@@ -1,4 +1,5 @@
 import json
+import os
 
 import h5py
 import numpy as np
@@ -140,8 +141,13 @@ def test_probe_cli_report_and_reference_npy(trained, tmp_path):
 
 
 def test_demo_quick_end_to_end(tmp_path, sample_dir):
-    r = cli("demo", "--out", tmp_path / "demo", "--quick", "--sample-slides", sample_dir)
+    """The demo with the checkout's sample-slide manifest: its mpp column lets the strip TIFF, which has no
+    resolution, be tiled like the others."""
+    manifest = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample_slides.csv")
+    r = cli("demo", "--out", tmp_path / "demo", "--quick", "--sample-slides", manifest)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "mean-pool/cv2" in r.stdout and "cv2" in r.stdout
     for f in ("store.h5", "embeddings.h5", "report/probe.json", "run/checkpoint_last.pt", "samples/tile_summary.json"):
         assert (tmp_path / "demo" / f).exists(), f
+    for sid in ("cmu_small_region", "kidney-48-5", "fluorescence_dapi"):
+        assert (tmp_path / "demo" / "samples" / "tiles" / f"{sid}.h5").exists(), sid

@@ -11,8 +11,9 @@ import pytest
 
 from conftest import SVS, cli
 from gigassl_fast.cohort import SlideEntry
-from gigassl_fast.encode import EncodeParams, features_path, read_features
+from gigassl_fast.encode import EncodeParams
 from gigassl_fast.encode_pipeline import run_encode
+from gigassl_fast.features import features_path, read_features
 from gigassl_fast.h5files import is_complete
 from gigassl_fast.tiling import TileParams
 

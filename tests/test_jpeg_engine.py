@@ -16,7 +16,6 @@ from gigassl_fast.slides.slide import ENGINE
 from gigassl_fast.synthetic import aperio_description, synthetic_tissue
 from gigassl_fast.synthetic import write_jpeg_variant_pyramid as write_jpeg_pyramid
 
-
 VARIANTS = {
     "ycbcr420-256": {"tile": 256},
     "ycbcr444-128-tables": {"tile": 128, "subsampling": "444", "tables": True},
@@ -155,8 +154,9 @@ def test_formats_the_engine_does_not_decode_fall_back_with_the_reason(tmp_path):
 def test_engine_decodes_into_the_same_features_as_cucim(tmp_path, synthetic_slide):
     """encode through the engine and through cuCIM's reads: bit-identical features (the pixels are)."""
     from gigassl_fast.cohort import SlideEntry
-    from gigassl_fast.encode import EncodeParams, read_features
+    from gigassl_fast.encode import EncodeParams
     from gigassl_fast.encode_pipeline import run_encode
+    from gigassl_fast.features import read_features
     from gigassl_fast.tiling import TileParams
 
     params = EncodeParams(naug=2, nt=8, tiles=TileParams(mpp=2.0, min_tissue=0.5))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from conftest import cli
-from gigassl_fast.encode import read_features
 from gigassl_fast.errors import GigasslError
+from gigassl_fast.features import read_features
 from gigassl_fast.pca import load_pca, project, save_pca
 
 

@@ -6,18 +6,18 @@ import copy
 import pytest
 import torch
 
-from gigassl_fast import compute
+from gigassl_fast import runtime
 from gigassl_fast.errors import GigasslError
 
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_auto_follows_the_hardware(monkeypatch, amx):
-    from gigassl_fast.train import train_precision
+    from gigassl_fast.runtime import train_precision
 
-    monkeypatch.setattr(compute, "cpu_has_amx_bf16", lambda: amx)
-    assert compute.resolve_precision("auto", "cpu") == ("bf16" if amx else "fp32")
-    assert compute.resolve_precision("auto", "cuda") == "bf16"
-    assert compute.resolve_precision("fp32", "cuda") == "fp32"
+    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: amx)
+    assert runtime.resolve_precision("auto", "cpu") == ("bf16" if amx else "fp32")
+    assert runtime.resolve_precision("auto", "cuda") == "bf16"
+    assert runtime.resolve_precision("fp32", "cuda") == "fp32"
     assert train_precision("auto", torch.device("cpu")) == ("bf16" if amx else "fp32")
     # training on GPUs is bound by launches, not arithmetic: auto keeps float32 there
     assert train_precision("auto", torch.device("cuda")) == "fp32"
@@ -30,9 +30,9 @@ def test_amx_flag_is_read_from_cpuinfo(tmp_path):
     amx.write_text(head + "flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
     no_amx = tmp_path / "no_amx"
     no_amx.write_text(head + "flags\t\t: fpu avx2 amx_tile_like\n")
-    assert compute.cpu_has_amx_bf16(str(amx)) is True
-    assert compute.cpu_has_amx_bf16(str(no_amx)) is False
-    assert compute.cpu_has_amx_bf16(str(tmp_path / "missing")) is False
+    assert runtime.cpu_has_amx_bf16(str(amx)) is True
+    assert runtime.cpu_has_amx_bf16(str(no_amx)) is False
+    assert runtime.cpu_has_amx_bf16(str(tmp_path / "missing")) is False
 
 
 def test_encoder_bf16_features_close_to_float32(tmp_path):

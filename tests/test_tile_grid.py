@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from benchmarks.reference.tiling import reference_tile_grid
+from gigassl_fast.benchmarks.reference.tiling import reference_tile_grid
 
 from gigassl_fast import _core
 

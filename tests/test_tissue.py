@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from benchmarks.reference.tiling import reference_otsu_gray_mask
+from gigassl_fast.benchmarks.reference.tiling import reference_otsu_gray_mask
 
 from conftest import NDPI, STRIP_TIFF, SVS, random_thumbnail
 from gigassl_fast import _core

@@ -9,8 +9,9 @@ import torch
 from conftest import cli
 from gigassl_fast.aggregators import build_aggregator, list_aggregators
 from gigassl_fast.errors import GigasslError
-from gigassl_fast.pack import Store, pack
+from gigassl_fast.pack import pack
 from gigassl_fast.ssl import nt_xent
+from gigassl_fast.store import Store
 from gigassl_fast.train import TrainParams, learning_rate
 from gigassl_fast.views import StoreRows, apply_spatial, augmentation_matrix, sample_views, spatial_augment
 
@@ -32,7 +33,7 @@ def store(tmp_path_factory):
 
 
 def test_store_holds_every_slide(store):
-    from gigassl_fast.encode import read_features
+    from gigassl_fast.features import read_features
 
     s = Store(str(store / "store.h5"))
     assert s.n_slides == 6 and s.dim == 256 and s.aug_features.shape == (6, 3, 16, 256)

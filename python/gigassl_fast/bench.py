@@ -1,16 +1,14 @@
 """``gigassl-fast bench``: every stage against its reference on this machine, in one run and one report.
 
-The stage benchmarks are the scripts in the source tree's ``benchmarks/`` folder (with their reference
-implementations in ``benchmarks/reference/``), so ``bench`` runs from a checkout (``make install``
-installs the package in place).
+The stage benchmarks are the modules of ``gigassl_fast.benchmarks`` (the source tree's ``benchmarks/``
+folder, installed with the package; the original's way of each stage in its ``reference/``). Each also
+runs alone: ``python -m gigassl_fast.benchmarks.bench_encode --help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 from .errors import GigasslError
@@ -33,28 +31,17 @@ SETTINGS = {
 }
 
 
-def _benchmarks_dir() -> str:
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-    if not os.path.isdir(os.path.join(root, "benchmarks", "reference")):
-        raise GigasslError("bench needs the source checkout's benchmarks/ folder; run it from a clone "
-                           "installed with `make install` (pip install -e .)")
-    return root
-
-
 def run_bench(stages: list[str], quick: bool, out_dir: str, log=print, device: str = "auto") -> dict:
     """Runs the stage benchmarks; `device` (auto, cpu, cuda) is where both sides of encode, train and
     embed run (tiling is CPU code on both sides)."""
-    root = _benchmarks_dir()
     if "encode" in stages:
         import importlib.util
 
         if importlib.util.find_spec("kornia") is None:
             raise GigasslError("the encode benchmark's reference runs the original's kornia augmentations: "
                                "pip install kornia (the dev extra has it: make install), or leave encode out of --stages")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from benchmarks import bench_decode, bench_embed, bench_encode, bench_tiling, bench_train
-    from benchmarks.common import machine
+    from .benchmarks import bench_decode, bench_embed, bench_encode, bench_tiling, bench_train
+    from .benchmarks.common import machine
 
     report = {"machine": machine(), "quick": quick, "device": device, "stages": {}, "details": {}}
     for stage in stages:
@@ -67,7 +54,7 @@ def run_bench(stages: list[str], quick: bool, out_dir: str, log=print, device: s
             out = bench_tiling.run(settings["sizes"], settings["runs"])
         else:
             module = {"decode": bench_decode, "encode": bench_encode, "train": bench_train, "embed": bench_embed}[stage]
-            out = module.run(argparse.Namespace(**settings, out=None))
+            out = module.run(module.Settings(**settings))
         # the last of ours' rows is the largest setting, the one the stage summary reports
         ours = next((r for r in reversed(out["results"]) if r.get("name") == "ours"), {})
         out["stage"]["peak_memory_mib"] = {k: round(v, 1) for k, v in ours.items() if k.startswith("peak_")}

@@ -59,6 +59,14 @@ def _tile_options(f):
     return f
 
 
+def _progress(line: str, last: bool) -> None:
+    """A cohort stage's progress on stderr: one live line on a terminal, a line per slide in logs."""
+    if sys.stderr.isatty():
+        click.echo("\r\033[K" + line, nl=last, err=True)
+    else:
+        click.echo(line, err=True)
+
+
 def _tile_params(mpp, tile_size, min_tissue, overlap, mask_method, mask_mpp):
     from .tiling import TileParams
 
@@ -100,7 +108,8 @@ def tile(slides, out_dir, mpp, tile_size, min_tissue, overlap, mask_method, mask
     entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)
     writable_dir(out_dir)
     name = "tile_summary.json" if shard is None else f"tile_summary.shard{shard_spec[0]}of{shard_spec[1]}.json"
-    summary = run_tile(entries, params, out_dir, reader=reader, overwrite=overwrite, qc=not no_qc, summary_name=name)
+    summary = run_tile(entries, params, out_dir, reader=reader, overwrite=overwrite, qc=not no_qc, summary_name=name,
+                       progress=_progress)
     click.echo(summary.table())
     click.echo(f"tile files in {os.path.join(out_dir, 'tiles')}, summary in {os.path.join(out_dir, name)}")
     sys.exit(summary.exit_code)
@@ -170,6 +179,7 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
     from .encode import EncodeParams
     from .encode_pipeline import run_encode
     from .outputs import writable_dir
+    from .runtime import launch
 
     params = EncodeParams(encoder=encoder, weights=weights, naug=naug, nt=nt, batch_size=batch_size, workers=workers,
                           prefetch_mb=prefetch_mb, device=device, precision=precision, decode=decode,
@@ -179,9 +189,9 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
     entries = take_shard(collect_slides(slides, default_mpp=slide_mpp), shard_spec)
     writable_dir(out_dir)
     name = "encode_summary.json" if shard is None else f"encode_summary.shard{shard_spec[0]}of{shard_spec[1]}.json"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        name = name.replace(".json", f".rank{os.environ.get('RANK', '0')}.json")
-    summary = run_encode(entries, params, out_dir, reader=reader, overwrite=overwrite, summary_name=name)
+    name = launch().per_rank(name)
+    summary = run_encode(entries, params, out_dir, reader=reader, overwrite=overwrite, summary_name=name,
+                         progress=_progress)
     click.echo(summary.table())
     tp = summary.config["throughput"]
     rates = ", ".join(f"{k.split('_')[0]} {v:,.0f} tiles/s" for k, v in tp.items() if k.endswith("per_s") and v)
@@ -198,7 +208,7 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
 @click.option("--max-tiles", type=click.IntRange(min=1), default=200_000, show_default=True,
               help="Tiles sampled evenly over slides for the fit.")
 def pca(features_dir, dim, out_file, max_tiles) -> None:
-    """Fit a PCA on the plain tile features of FEATURES_DIR (feature files from `encode`), for
+    """Fit a PCA on the plain tile features in FEATURES_DIR (encode's --out folder, or its features/), for
     `encode --pca`: e.g. encode a subset with --naug 0, fit, then encode the cohort with --pca."""
     from .outputs import writable_file
     from .pca import fit_pca, save_pca
@@ -216,7 +226,8 @@ def pca(features_dir, dim, out_file, max_tiles) -> None:
 @click.option("--pca", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Project every feature with a PCA file (from `gigassl-fast pca`), e.g. to 256-d for sparse-layer4.")
 def pack_cmd(features_dir, out_file, pca) -> None:
-    """Pack every feature file of FEATURES_DIR (from `encode`) into one store for `train`."""
+    """Pack every feature file in FEATURES_DIR (encode's --out folder, or its features/) into one store
+    for `train`."""
     from .outputs import writable_file
     from .pack import pack
 
@@ -266,15 +277,13 @@ def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, ba
     import torch.distributed as dist
 
     from .outputs import writable_dir
+    from .runtime import init_distributed
     from .train import TrainParams, train
 
     if force_resume and not resume:
         raise click.UsageError("--force-resume goes with --resume")
     writable_dir(out_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        import torch
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
     params = TrainParams(aggregator=aggregator, epochs=epochs, batch_size=batch_size, tiles_per_view=tiles_per_view,
                          base_lr=base_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed,
                          checkpoint_every=checkpoint_every, resnet18_weights=resnet18_weights, init=init, sync_bn=sync_bn,
@@ -299,8 +308,8 @@ def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, ba
               help="npy also writes the reference's embeddings.npy + ids.npy beside the .h5.")
 @click.option("--device", default="auto", show_default=True)
 def embed_cmd(source, checkpoint, out_file, views, tiles_per_view, with_replacement, seed, fmt, device) -> None:
-    """Slide embeddings (512-d, L2-normalised) from SOURCE, a features folder (from `encode`) or a store
-    (from `pack`), with a trained CHECKPOINT."""
+    """Slide embeddings (512-d, L2-normalised) from SOURCE, a store (from `pack`) or feature files (encode's
+    --out folder, or its features/), with a trained CHECKPOINT."""
     from .embed import EmbedParams, embed
     from .outputs import writable_file
 
@@ -344,7 +353,8 @@ def export_cmd(checkpoint, fmt, out_file) -> None:
 @click.option("--C", "C", type=_POSITIVE, default=10.0, show_default=True, help="Inverse regularisation (reference: 10).")
 @click.option("--search-C", "search_C", is_flag=True, help="Choose C by inner 3-fold CV instead.")
 @click.option("--baseline", "baseline", default=None, type=click.Path(file_okay=False, exists=True),
-              help="A features folder: also evaluate mean-pooled tile features, in the same report.")
+              help="Feature files (encode's --out folder, or its features/): also evaluate mean-pooled tile "
+                   "features, in the same report.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def probe_cmd(embeddings, labels, out_dir, folds, train_size, repeats, C, search_C, baseline, seed) -> None:
     """Linear evaluation of slide EMBEDDINGS (ours, or the reference's embeddings.npy with ids.npy beside).
@@ -436,14 +446,16 @@ def info(slides, reader) -> None:
 @cli.command()
 @click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every artefact of the demo.")
-@click.option("--sample-slides", type=click.Path(file_okay=False), default=None,
-              help="Folder of real sample slides to tile too [default: ../shared/data/slides when present].")
+@click.option("--sample-slides", type=click.Path(exists=True), default=None,
+              help="Real slides to tile too: a slide, a folder, or a CSV manifest (slide_id,path,mpp) that gives the "
+                   "resolution of files without one (`make demo` passes data/sample_slides.csv when the sample "
+                   "slides are beside the checkout).")
 @click.option("--quick", is_flag=True, help="A much smaller cohort and training (for tests).")
 def demo(out_dir, sample_slides, quick) -> None:
     """The whole chain on synthetic slides (no network): tile, encode, pca, pack, train, embed, probe."""
     from .demo import run_demo
 
-    sys.exit(run_demo(out_dir, sample_slides, quick))
+    sys.exit(run_demo(out_dir, sample_slides, quick, echo=click.echo, progress=_progress))
 
 
 def main() -> None:

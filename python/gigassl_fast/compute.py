@@ -10,9 +10,13 @@ import os
 import platform
 from dataclasses import dataclass
 
+from .runtime import cpu_has_amx_bf16, resolve_precision
+
 
 @dataclass(frozen=True)
-class Path:
+class ComputePath:
+    """One stage's compute path on this machine and why it is taken."""
+
     stage: str
     path: str
     why: str
@@ -58,28 +62,6 @@ def cucim_gpu_decode() -> tuple[bool, str]:
     return True, "cuCIM + CuPy on " + str(cuda_device())
 
 
-@functools.lru_cache(maxsize=4)
-def cpu_has_amx_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bf16 matrices in AMX tiles (Sapphire Rapids and later Xeons): there a
-    bf16 product runs about 5x float32, elsewhere bf16 convolutions are slower than float32."""
-    try:
-        with open(cpuinfo, encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
-    except OSError:
-        pass
-    return False
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    """The compute precision `auto` means on this machine: bf16 on GPUs and on CPUs with AMX, float32
-    on other CPUs."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_amx_bf16()) else "fp32"
-
-
 def versions() -> dict[str, str | None]:
     from . import __version__
 
@@ -97,26 +79,26 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def compute_paths() -> list[Path]:
+def compute_paths() -> list[ComputePath]:
     from . import _core
 
     threads = os.cpu_count() or 1
     core = f"C++ core (_core{', OpenMP' if _core.openmp else ', no OpenMP'}, {threads} threads)"
-    paths = [Path("tile: mask + grid", core, "always")]
+    paths = [ComputePath("tile: mask + grid", core, "always")]
     cpu_reader = "cuCIM CPU reader" if _version("cucim") else "tiffslide"
     gpu, why = cucim_gpu_decode()
     gpu_note = (f"GPU decoding possible ({why}): `encode --decode auto` uses it where a trial finds it right and "
                 "faster") if gpu else f"GPU decoding unavailable: {why}"
-    paths.append(Path("slide decoding", f"{cpu_reader} for SVS/TIFF, OpenSlide for NDPI/MRXS/SCN/...", gpu_note))
+    paths.append(ComputePath("slide decoding", f"{cpu_reader} for SVS/TIFF, OpenSlide for NDPI/MRXS/SCN/...", gpu_note))
     device = cuda_device()
     precision = {"bf16": "bf16", "fp32": "float32"}[resolve_precision("auto", "cuda" if device else "cpu")]
     where = f"the {'GPU' if device else 'CPU'}, {precision}, channels_last"
     amx = "AMX bf16" if cpu_has_amx_bf16() else "no AMX"
-    paths.append(Path("encode: tile encoder", f"torch on {where}", device or f"no CUDA device; CPU has {amx}"))
+    paths.append(ComputePath("encode: tile encoder", f"torch on {where}", device or f"no CUDA device; CPU has {amx}"))
     from .kernels.availability import triton_status
 
     ok, why = triton_status()
-    paths.append(Path("train: aggregators", "Triton gather-GEMM, tap-scatter and pooling kernels" if ok
+    paths.append(ComputePath("train: aggregators", "Triton gather-GEMM, tap-scatter and pooling kernels" if ok
                       else "torch twins of the kernels", why))
     return paths
 

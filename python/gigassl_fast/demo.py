@@ -3,25 +3,21 @@
 A synthetic cohort of pyramidal JPEG TIFFs (pink stroma, purple nuclei, white background) in two classes
 that differ only in a few regions (denser nuclei in class "dense"), then encode (efficientnet-lite0,
 offline weights), PCA to 256-d, pack, train the sparse ResNet18-layer4 briefly, embed, and probe, with
-the AUC of Giga-SSL embeddings next to mean-pooled tile features. When the real sample slides are
-present (../shared/data/slides in a development checkout) they are tiled too, through a manifest that
-supplies the resolution the strip TIFF lacks.
+the AUC of Giga-SSL embeddings next to mean-pooled tile features. Real slides given with
+``--sample-slides`` (files, a folder or a manifest with an mpp column for files without a resolution;
+a development checkout has data/sample_slides.csv for the sample slides beside it) are tiled too.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import click
-
 from .cohort import SlideEntry, collect_slides
+from .runlog import ShowProgress
 from .synthetic import write_synthetic_slide
 from .tiling import TileParams, run_tile
-
-#: The strip TIFF among the sample slides carries no resolution; the demo states one (the image is a
-#: downsampled crop, about 10x).
-KIDNEY_ASSUMED_MPP = 1.0
 
 
 @dataclass(frozen=True)
@@ -38,13 +34,6 @@ class DemoSize:
 
 FULL = DemoSize(per_class=10, width=2048, height=1536, naug=4, nt=32, epochs=40, batch=10, folds=5)
 QUICK = DemoSize(per_class=4, width=1536, height=1024, naug=2, nt=8, epochs=3, batch=4, folds=2)
-
-
-def default_sample_slides() -> str | None:
-    for candidate in ("../shared/data/slides", os.path.join(os.path.dirname(__file__), "../../../shared/data/slides")):
-        if os.path.isdir(candidate):
-            return os.path.abspath(candidate)
-    return None
 
 
 def synthetic_cohort(folder: str, size: DemoSize) -> tuple[list[SlideEntry], str]:
@@ -66,19 +55,10 @@ def synthetic_cohort(folder: str, size: DemoSize) -> tuple[list[SlideEntry], str
     return entries, labels
 
 
-def sample_manifest(slides_dir: str, out_dir: str) -> str:
-    """A CSV manifest over the sample slides, with the mpp the strip TIFF lacks."""
-    path = os.path.join(out_dir, "sample_slides.csv")
-    rows = ["slide_id,path,mpp"]
-    for name in sorted(os.listdir(slides_dir)):
-        mpp = str(KIDNEY_ASSUMED_MPP) if name.startswith("kidney") else ""
-        rows.append(f"{os.path.splitext(name)[0]},{os.path.abspath(os.path.join(slides_dir, name))},{mpp}")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(rows) + "\n")
-    return path
-
-
-def run_demo(out_dir: str, sample_slides: str | None = None, quick: bool = False) -> int:
+def run_demo(out_dir: str, sample_slides: str | None = None, quick: bool = False,
+             echo: Callable[[str], None] = print, progress: ShowProgress | None = None) -> int:
+    """Runs the chain into `out_dir`; `echo` gets the demo's report, `progress` the cohort stages' lines.
+    Returns the exit code."""
     from .embed import EmbedParams, embed
     from .encode import EncodeParams
     from .encode_pipeline import run_encode
@@ -89,41 +69,41 @@ def run_demo(out_dir: str, sample_slides: str | None = None, quick: bool = False
 
     size = QUICK if quick else FULL
     os.makedirs(out_dir, exist_ok=True)
-    sample_slides = sample_slides or default_sample_slides()
     if sample_slides:
-        click.echo("== tiling the real sample slides")
-        real = run_tile(collect_slides([sample_manifest(sample_slides, out_dir)]), TileParams(), os.path.join(out_dir, "samples"))
-        click.echo(real.table())
-    click.echo(f"== writing a synthetic cohort: {2 * size.per_class} slides, classes 'sparse' and 'dense'")
+        echo(f"== tiling the sample slides of {sample_slides}")
+        real = run_tile(collect_slides([sample_slides]), TileParams(), os.path.join(out_dir, "samples"), progress=progress)
+        echo(real.table())
+    echo(f"== writing a synthetic cohort: {2 * size.per_class} slides, classes 'sparse' and 'dense'")
     entries, labels = synthetic_cohort(os.path.join(out_dir, "slides"), size)
     tiles = TileParams(mpp=1.0, tile_size=112)
-    click.echo(f"== encode: efficientnet-lite0, {size.naug} augmented versions x {size.nt} tiles per slide")
-    enc = run_encode(entries, EncodeParams(naug=size.naug, nt=size.nt, batch_size=64, tiles=tiles), out_dir)
-    click.echo(enc.table())
+    echo(f"== encode: efficientnet-lite0, {size.naug} augmented versions x {size.nt} tiles per slide")
+    enc = run_encode(entries, EncodeParams(naug=size.naug, nt=size.nt, batch_size=64, tiles=tiles), out_dir,
+                     progress=progress)
+    echo(enc.table())
     if enc.exit_code:
         return enc.exit_code
     features = os.path.join(out_dir, "features")
     pca_file = os.path.join(out_dir, "pca256.npz")
     fitted = fit_pca(features, 256 if not quick else 16)
     save_pca(pca_file, fitted)
-    click.echo(f"== pca: 1280 -> {fitted['components'].shape[0]}-d, explained variance "
+    echo(f"== pca: 1280 -> {fitted['components'].shape[0]}-d, explained variance "
                f"{fitted['explained_variance_ratio'].sum():.2f}")
     store = os.path.join(out_dir, "store.h5")
     info = pack(features, store, pca_file)
-    click.echo(f"== pack: {info['slides']} slides, {info['tiles']} tiles -> {store}")
+    echo(f"== pack: {info['slides']} slides, {info['tiles']} tiles -> {store}")
     aggregator = "sparse-layer4" if not quick else "mlp"
-    click.echo(f"== train: {aggregator}, {size.epochs} epochs, batch {size.batch}")
+    echo(f"== train: {aggregator}, {size.epochs} epochs, batch {size.batch}")
     run_dir = os.path.join(out_dir, "run")
     result = train(store, run_dir, TrainParams(aggregator=aggregator, epochs=size.epochs, batch_size=size.batch,
                                                warmup_epochs=max(1, size.epochs // 10), checkpoint_every=size.epochs),
                    resume=os.path.exists(os.path.join(run_dir, "checkpoint_last.pt")), log=lambda m: None)
-    click.echo(f"   {result['steps']} steps, last loss {result['last_loss']:.3f}")
+    echo(f"   {result['steps']} steps, last loss {result['last_loss']:.3f}")
     emb = os.path.join(out_dir, "embeddings.h5")
     embed(store, result["checkpoint"], emb, EmbedParams(views=50))
-    click.echo("== probe: Giga-SSL embeddings against mean-pooled tile features")
+    echo("== probe: Giga-SSL embeddings against mean-pooled tile features")
     report = run_probe(emb, labels, os.path.join(out_dir, "report"), ProbeParams(folds=size.folds), baseline=features,
                        warn=lambda m: None)
-    click.echo(report["table"])
-    click.echo(f"demo artefacts in {os.path.abspath(out_dir)}: slides/, tiles/, qc/, features/, store.h5, run/, "
+    echo(report["table"])
+    echo(f"demo artefacts in {os.path.abspath(out_dir)}: slides/, tiles/, qc/, features/, store.h5, run/, "
                f"embeddings.h5, report/ (probe.json, probe.md, roc.png)" + (", samples/" if sample_slides else ""))
     return 0

@@ -15,9 +15,7 @@ reference's ``embeddings.npy`` + ``ids.npy``.
 
 from __future__ import annotations
 
-import glob
 import os
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,8 +27,11 @@ from . import __version__
 from .checkpoints import SlideCheckpoint, load_into, read_slide_checkpoint
 from .encoders.weights import file_checksum
 from .errors import GigasslError
-from .h5files import atomic_h5, open_h5, read_attrs, read_strings, write_attrs
+from .features import FeatureFile, feature_files
+from .h5files import atomic_h5, read_strings, write_attrs
 from .outputs import atomic_file
+from .runtime import resolve_device, slide_seed
+from .store import StoreFile
 
 
 @dataclass(frozen=True)
@@ -44,37 +45,24 @@ class EmbedParams:
 
 
 def iter_slides(source: str, warn=print) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict]]:
-    """(slide_id, features float32 (N, D), coords int64 (N, 2), attrs) from a features folder or a store.
-    In a folder, a truncated or damaged feature file is reported through `warn` and left out."""
-    if os.path.isdir(source):
-        files = sorted(glob.glob(os.path.join(source, "*.h5")))
-        if not files:
-            raise GigasslError(f"{source}: no feature files (*.h5); run `gigassl-fast encode` first")
-        for f in files:
-            try:
-                fh = open_h5(f, "feature file", "rerun `gigassl-fast encode` for its slide")
-            except GigasslError as err:
-                warn(f"skipped {err}")
-                continue
-            with fh:
-                attrs = read_attrs(fh)
-                if not attrs.get("complete"):
-                    continue
-                sid = str(attrs.get("slide_id", os.path.splitext(os.path.basename(f))[0]))
-                yield sid, fh["features"][:].astype(np.float32), fh["coords"][:], attrs
+    """(slide_id, features float32 (N, D), coords int64 (N, 2), attrs) from a store or a features folder
+    (encode's output folder or its features/). In a folder, a truncated or damaged feature file is
+    reported through `warn` and left out, and incomplete ones are passed over."""
+    if not os.path.isdir(source):
+        with StoreFile(source) as store:
+            for i, sid in enumerate(store.ids):
+                feats, coords = store.slide(i)
+                yield sid, feats.astype(np.float32), coords, store.attrs
         return
-    try:
-        fh = h5py.File(source, "r")
-    except OSError as err:
-        raise GigasslError(f"{source}: neither a features folder nor a readable store ({err})") from None
-    with fh:
-        attrs = read_attrs(fh)
-        if "offsets" not in fh:
-            raise GigasslError(f"{source}: not a gigassl-fast store; give a features folder or a `pack` output")
-        ids = read_strings(fh["ids"])
-        off = fh["offsets"][:]
-        for i, sid in enumerate(ids):
-            yield sid, fh["features"][off[i]:off[i + 1]].astype(np.float32), fh["coords"][off[i]:off[i + 1]], attrs
+    for f in feature_files(source):
+        try:
+            fh = FeatureFile(f)
+        except GigasslError as err:
+            warn(f"skipped {err}")
+            continue
+        with fh:
+            if fh.complete:
+                yield fh.slide_id, fh.features().astype(np.float32), fh.coords(), fh.attrs
 
 
 def view_indices(n: int, p: EmbedParams, gen: torch.Generator) -> list[torch.Tensor]:
@@ -99,7 +87,7 @@ def load_backbone(checkpoint: str, device: torch.device) -> tuple[torch.nn.Modul
 
 
 def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5", log=print) -> dict:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
+    device = resolve_device(p.device)
     backbone, ckpt = load_backbone(checkpoint, device)
     log(f"loaded {ckpt.describe()}")
     in_dim = ckpt.in_dim
@@ -127,7 +115,7 @@ def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5
                                f"(encoder {ckpt.raw.get('store_attrs', {}).get('encoder', 'unknown')})")
         if not np.isfinite(feats).all():
             raise GigasslError(f"{sid}: features contain NaN or inf; re-encode this slide")
-        gen = torch.Generator().manual_seed((p.seed * 1_000_003 + zlib.crc32(sid.encode())) % (2**63))
+        gen = torch.Generator().manual_seed(slide_seed(p.seed, sid))
         views = view_indices(len(feats), p, gen)
         if not views:
             empty.append(sid)

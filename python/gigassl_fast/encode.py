@@ -1,28 +1,16 @@
-"""The encode stage: tile features, plain and under Giga-SSL augmentations (spec §3), per slide.
-
-File ``features/<slide_id>.h5`` (CLAM/TRIDENT names for the first two):
-    coords        int64 (N, 2)         level-0 top-left (x, y) of every tissue tile
-    features      float16 (N, D)       every tile, no augmentation (what ``embed`` reads)
-    aug/indices   int32 (Naug, Nt)     tiles drawn with replacement for augmented version a
-    aug/features  float16 (Naug, Nt, D) batch a encoded under augmentation a
-    aug/params    float32 (Naug, 13)   the augmentation parameters (columns: augment.PARAM_COLUMNS)
-    corrupt_coords int64 (K, 2)        tiles left out for corrupt image data (--on-corrupt-tile skip)
-    attrs         the tile file's attributes plus encoder, weights checksum, Naug, Nt, seed, compute precision,
-                  device, version.
-
-Each distinct tile is decoded once per slide; the augmented batches are built from that pool.
+"""The encode stage: tile features, plain and under Giga-SSL augmentations (spec §3), per slide; the file
+it writes is described in features.py. Each distinct tile is decoded once per slide; the augmented
+batches are built from that pool. The cohort around it (locks, reuse, the decode/encode/write
+pipeline) is encode_pipeline.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,13 +20,11 @@ from .cohort import SlideEntry
 from .encoders import get_config
 from .encoders.inference import TileEncoder
 from .errors import GigasslError
-from .h5files import atomic_h5, read_attrs, write_attrs
+from .features import FORMAT
+from .runtime import check_device, check_precision, resolve_device, slide_seed
 from .slides import CorruptTilesError
 from .slides.decoding import Batch, TileDecoder
 from .tiling import TileParams
-
-FORMAT = "gigassl-fast/features/1"
-
 
 #: Encoder batch size when --batch-size is not given: GPUs need large batches to be busy; on a CPU larger
 #: batches gain nothing and hold more memory.
@@ -72,12 +58,8 @@ class EncodeParams:
             raise GigasslError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.prefetch_mb < 0:
             raise GigasslError(f"--prefetch-mb must be >= 0 (got {self.prefetch_mb})")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise GigasslError(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise GigasslError(f"--device {self.device}: no CUDA device is available here; use --device cpu")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise GigasslError(f"--precision must be auto, bf16 or fp32 (got {self.precision!r})")
+        check_device(self.device)
+        check_precision(self.precision)
         if self.decode not in ("auto", "gpu", "cpu"):
             raise GigasslError(f"--decode must be auto, gpu or cpu (got {self.decode!r})")
         if self.on_corrupt_tile not in ("fail", "skip"):
@@ -87,24 +69,13 @@ class EncodeParams:
         return self
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def resolved_batch_size(self) -> int:
         return self.batch_size or BATCH_SIZE.get(self.resolved_device().type, 64)
 
     def tile_encoder(self) -> TileEncoder:
         return TileEncoder(self.encoder, self.weights, self.resolved_device(), self.precision, self.pca)
-
-
-def features_path(out_dir: str, slide_id: str) -> str:
-    return os.path.join(out_dir, "features", f"{slide_id}.h5")
-
-
-def slide_seed(seed: int, slide_id: str) -> int:
-    """Per-slide seed: the same for a slide whatever the shard or cohort order."""
-    return (seed * 1_000_003 + zlib.crc32(slide_id.encode())) % (2**63)
 
 
 def reuse_key(entry: SlideEntry, params: EncodeParams, checksum: str, compute_precision: str) -> dict:
@@ -131,16 +102,16 @@ def _to_float(tiles_u8: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
-def encode_slide(grid_attrs: dict, coords: np.ndarray, params: EncodeParams, enc: TileEncoder, slide_id: str,
+def encode_slide(tile: int, coords: np.ndarray, params: EncodeParams, enc: TileEncoder, slide_id: str,
                  batches: Iterator[Batch], timings: dict) -> dict:
-    """Features of one slide (see the module docstring); returns the arrays to write.
+    """Features of one slide's tiles of `tile` pixels (the grid's tile size at the target mpp); returns
+    the arrays ``write_features`` takes.
 
     `batches`: the slide's tiles at `coords`, decoded in batches of the run's batch size (see
     ``TileDecoder.batches``). Tiles with corrupt image data raise one CorruptTilesError naming every such
     tile of the slide: once the first is found, the rest of the slide is only decoded, to find the others.
     On a GPU nothing waits for the device until the slide's features are copied back at the end."""
     n = len(coords)
-    tile = int(grid_attrs["tile_size"])
     size = enc.config.input_size
     bs = params.resolved_batch_size()
     dev = enc.device
@@ -227,29 +198,3 @@ class _StageClock:
             end.synchronize()
             self.timings[stage] += begin.elapsed_time(end) / 1000
         self._events.clear()
-
-
-def write_features(path: str, arrays: dict, attrs: dict) -> None:
-    nbytes = sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
-    with atomic_h5(path, nbytes) as fh:
-        fh.create_dataset("coords", data=arrays["coords"])
-        fh.create_dataset("corrupt_coords", data=arrays.get("corrupt_coords", np.zeros((0, 2), np.int64)))
-        fh.create_dataset("features", data=arrays["features"])
-        g = fh.create_group("aug")
-        g.create_dataset("indices", data=arrays["indices"])
-        g.create_dataset("features", data=arrays["aug_features"])
-        g.create_dataset("params", data=arrays["aug_params"])
-        g.attrs["param_columns"] = ",".join(PARAM_COLUMNS)
-        write_attrs(fh, attrs)
-
-
-def read_features(path: str) -> dict:
-    """Arrays and attributes of a feature file."""
-    try:
-        with h5py.File(path, "r") as fh:
-            return {"coords": fh["coords"][:], "features": fh["features"][:], "aug_indices": fh["aug/indices"][:],
-                    "aug_features": fh["aug/features"][:], "aug_params": fh["aug/params"][:],
-                    "corrupt_coords": fh["corrupt_coords"][:] if "corrupt_coords" in fh else np.zeros((0, 2), np.int64),
-                    "attrs": read_attrs(fh)}
-    except (OSError, KeyError) as err:
-        raise GigasslError(f"{path}: not a readable feature file ({err}); rerun `gigassl-fast encode`") from None

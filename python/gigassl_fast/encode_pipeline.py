@@ -15,24 +15,25 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-import h5py
 import numpy as np
 import torch
 
 from . import __version__
 from .augment import PARAM_COLUMNS
 from .cohort import SlideEntry
-from .encode import FORMAT, EncodeParams, encode_slide, features_path, reuse_key, write_features
+from .encode import EncodeParams, encode_slide, reuse_key
 from .encoders.inference import TileEncoder
 from .errors import GigasslError
+from .features import FORMAT, FeatureFile, features_path, write_features
 from .h5files import is_complete
 from .locks import lock_holder, slide_lock
 from .prefetch import Prefetch
-from .runlog import Progress, RunSummary, SlideRecord
+from .runlog import Progress, RunSummary, ShowProgress, SlideRecord
+from .runtime import launch
 from .slides import CorruptTilesError, Slide
 from .slides.backends import NATIVE_OUTPUT
 from .slides.decoding import Batch, TileDecoder
-from .tiling import read_tile_file, tile_one, tile_path
+from .tiling import TileGrid, read_tile_file, tile_one, tile_path
 
 
 @dataclass
@@ -46,8 +47,9 @@ class _Job:
     record: SlideRecord | None = None  # settled without encoding: reused, locked, or failed before decoding
     hold: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the slide's lock and handle
     slide: Slide | None = None
-    coords: np.ndarray | None = None
-    attrs: dict = field(default_factory=dict)
+    grid: TileGrid | None = None
+    coords: np.ndarray | None = None  # the grid's, less tiles left out for corrupt data
+    attrs: dict = field(default_factory=dict)  # of its feature file
     decode: str = ""
 
     def settle(self, status: str, n: int = 0, message: str = "", corrupt: list | None = None,
@@ -78,9 +80,8 @@ def _prepare(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileEnc
     job = _Job(entry, features_path(out_dir, entry.slide_id))
     key = reuse_key(entry, params, enc.checksum, enc.precision)
     if os.path.exists(job.path) and not overwrite and is_complete(job.path, key):
-        with h5py.File(job.path, "r") as fh:
-            n = int(fh["coords"].shape[0])
-            dropped = fh["corrupt_coords"][:].tolist() if "corrupt_coords" in fh else []
+        with FeatureFile(job.path) as done:
+            n, dropped = done.n_tiles, done.corrupt_coords().tolist()
         # a file that left out corrupt tiles serves --on-corrupt-tile skip only; fail redoes (and fails) it
         if not dropped or params.on_corrupt_tile == "skip":
             note = f"up to date; {len(dropped)} tiles with corrupt image data left out" if dropped else "up to date"
@@ -100,7 +101,7 @@ def _prepare(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileEnc
             job.release()
             return job
         grid = read_tile_file(tile_path(out_dir, entry.slide_id))
-        job.coords, job.attrs = grid.coords, {**grid.attrs, **key}
+        job.grid, job.coords, job.attrs = grid, grid.coords, {**grid.attrs, **key}
         job.slide = job.hold.enter_context(Slide(entry.path, reader=reader, mpp=entry.mpp))
     except Exception as err:  # one slide must never stop the cohort
         job.record = job.settle("failed", message=_failure(entry, err))
@@ -135,7 +136,7 @@ def _decode_cohort(entries: Sequence[SlideEntry], params: EncodeParams, out_dir:
         yield job
         if job.record is not None:
             continue
-        level, read = int(job.attrs["read_level"]), int(job.attrs["read_tile_size"])
+        level, read = job.grid.read_level, job.grid.read_tile_size
         try:
             t = time.perf_counter()
             for item in decoder.batches(job.slide, job.coords, level, read, bs, params.workers):
@@ -172,7 +173,7 @@ def _encode_job(job: _Job, items: Iterator, params: EncodeParams, enc: TileEncod
     batches = _job_batches(items)
     dropped = np.zeros((0, 2), np.int64)
     try:
-        arrays = encode_slide(job.attrs, job.coords, params, enc, job.entry.slide_id, batches, timings)
+        arrays = encode_slide(job.grid.tile_size, job.coords, params, enc, job.entry.slide_id, batches, timings)
     except CorruptTilesError as err:
         if params.on_corrupt_tile != "skip":
             raise GigasslError(f"{err}; pass --on-corrupt-tile skip to drop such tiles") from None
@@ -181,10 +182,9 @@ def _encode_job(job: _Job, items: Iterator, params: EncodeParams, enc: TileEncod
         keep = ~(job.coords[:, None, :] == dropped[None]).all(-1).any(1)
         if not keep.any():
             raise GigasslError(f"{err}; every tile of the slide is corrupt") from None
-        level, read = int(job.attrs["read_level"]), int(job.attrs["read_tile_size"])
-        again = decoder.batches(job.slide, job.coords[keep], level, read, params.resolved_batch_size(),
-                                params.workers)
-        arrays = encode_slide(job.attrs, job.coords[keep], params, enc, job.entry.slide_id, again, timings)
+        again = decoder.batches(job.slide, job.coords[keep], job.grid.read_level, job.grid.read_tile_size,
+                                params.resolved_batch_size(), params.workers)
+        arrays = encode_slide(job.grid.tile_size, job.coords[keep], params, enc, job.entry.slide_id, again, timings)
     except Exception:
         for _ in batches:  # an error mid-slide: skip the rest of its batches (not on an interrupt)
             pass
@@ -212,25 +212,17 @@ def _write(job: _Job, arrays: dict, attrs: dict, dropped: np.ndarray) -> SlideRe
     return job.settle("done", n, end=end)
 
 
-def distributed_share(entries: Sequence[SlideEntry]) -> tuple[list[SlideEntry], str | None]:
-    """Under torchrun, each rank takes every WORLD_SIZE-th slide and its own GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return list(entries), None
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    return list(entries)[rank::world], (f"cuda:{local}" if torch.cuda.is_available() else None)
-
-
 def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str, reader: str = "auto",
-               overwrite: bool = False, summary_name: str = "encode_summary.json") -> RunSummary:
-    """Encodes a cohort; one bad slide is recorded and the run goes on.
+               overwrite: bool = False, summary_name: str = "encode_summary.json",
+               progress: ShowProgress | None = None) -> RunSummary:
+    """Encodes a cohort; one bad slide is recorded and the run goes on. `progress` gets a line per slide,
+    from the writer thread once the slide's file is written.
 
     A pipeline: a thread prepares the next slides (tiling when needed) and decodes their tiles, up to
     ``prefetch_mb`` of decoded tiles ahead, while this thread encodes; a writer thread writes each feature
     file (atomically) while the next slide is encoded."""
-    entries, rank_device = distributed_share(entries)
-    if rank_device and params.device == "auto":
-        params = EncodeParams(**{**asdict(params), "tiles": params.tiles, "device": rank_device})
+    here = launch()
+    entries = list(entries)[here.rank::here.world]  # under torchrun, each rank takes every world-th slide
     params.validate()
     enc = params.tile_encoder()
     decoder = TileDecoder(enc.device, params.decode)
@@ -238,13 +230,13 @@ def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str
               "batch_size": params.resolved_batch_size(), "weights_checksum": enc.checksum}
     summary = RunSummary("encode", config)
     timings = {"read": 0.0, "augment": 0.0, "encode": 0.0, "wait": 0.0}
-    progress = Progress(len(entries), "encode")
+    shown = Progress(len(entries), "encode", progress)
 
     def show(record: SlideRecord) -> None:
         # the writer thread reports a slide as soon as its file is written; not while the decoding thread
         # captures a reader's native output (its file descriptors 1 and 2 are the process's)
         with NATIVE_OUTPUT:
-            progress.update(record)
+            shown.update(record)
 
     def add(record: SlideRecord, report: bool = True) -> None:
         summary.add(record)  # in cohort order, by this thread

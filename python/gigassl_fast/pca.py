@@ -6,13 +6,10 @@ A projection is an .npz with ``mean`` (D,) and ``components`` (K, D) float32: z 
 
 from __future__ import annotations
 
-import glob
-import os
-
 import numpy as np
 
 from .errors import GigasslError
-from .h5files import open_h5
+from .features import FeatureFile, feature_files
 from .outputs import atomic_file
 
 
@@ -21,17 +18,15 @@ def fit_pca(features_dir: str, dim: int, max_rows: int = 200_000, seed: int = 0)
     (a random subset of at most `max_rows` tiles, drawn evenly over slides)."""
     from sklearn.decomposition import PCA
 
-    files = sorted(glob.glob(os.path.join(features_dir, "*.h5")))
-    if not files:
-        raise GigasslError(f"{features_dir}: no feature files (*.h5); run `gigassl-fast encode` first")
+    files = feature_files(features_dir)
     rng = np.random.default_rng(seed)
     per_slide = max(1, max_rows // len(files))
     rows = []
     for f in files:
-        with open_h5(f, "feature file", "delete it or rerun `gigassl-fast encode` for its slide") as fh:
-            n = fh["features"].shape[0]
+        with FeatureFile(f) as fh:
+            n = fh.n_tiles
             take = np.sort(rng.choice(n, size=min(n, per_slide), replace=False)) if n else np.zeros(0, int)
-            rows.append(fh["features"][take].astype(np.float32) if n else np.zeros((0, fh["features"].shape[1]), np.float32))
+            rows.append(fh.features(take).astype(np.float32) if n else np.zeros((0, fh.dim), np.float32))
     x = np.concatenate(rows)
     if len(x) < dim:
         raise GigasslError(f"--dim {dim} needs at least {dim} tiles; {features_dir} has {len(x)}")

@@ -7,12 +7,10 @@ import fcntl
 import json
 import os
 import platform
-import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-
-import click
 
 from . import __version__
 from .errors import GigasslError
@@ -151,28 +149,29 @@ def _exclusive(path: str):
         os.close(fd)
 
 
-class Progress:
-    """Slides done, tiles/s and time left, on stderr: a live line on a terminal, a line per slide in logs."""
+#: Receives each progress line, and whether it is the run's last (the CLI shows it on stderr).
+ShowProgress = Callable[[str, bool], None]
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label = total, label
+
+class Progress:
+    """Slides done, tiles/s and time left, as one line per slide handed to `show` (nothing without one)."""
+
+    def __init__(self, total: int, label: str, show: ShowProgress | None = None) -> None:
+        self.total, self.label, self.show = total, label, show
         self.done = 0
         self.tiles = 0
         self.start = time.time()
-        self.tty = sys.stderr.isatty()
 
     def update(self, record: SlideRecord) -> None:
         self.done += 1
         self.tiles += record.n_tiles
+        if self.show is None:
+            return
         elapsed = time.time() - self.start
         left = elapsed / self.done * (self.total - self.done)
         rate = self.tiles / elapsed if elapsed > 0 else 0.0
-        msg = (f"{self.label} [{self.done}/{self.total}] {record.slide_id}: {record.status}"
-               f" ({record.n_tiles} tiles) | {rate:,.0f} tiles/s | {_hms(left)} left")
-        if self.tty:
-            click.echo("\r\033[K" + msg, nl=self.done == self.total, err=True)
-        else:
-            click.echo(msg, err=True)
+        self.show(f"{self.label} [{self.done}/{self.total}] {record.slide_id}: {record.status}"
+                  f" ({record.n_tiles} tiles) | {rate:,.0f} tiles/s | {_hms(left)} left", self.done == self.total)
 
 
 def _hms(seconds: float) -> str:

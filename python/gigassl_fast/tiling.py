@@ -24,7 +24,7 @@ from .errors import GigasslError, SlideError
 from .h5files import atomic_h5, is_complete, read_attrs, write_attrs
 from .locks import lock_holder, slide_lock
 from .qc import render_qc, save_png
-from .runlog import Progress, RunSummary, SlideRecord
+from .runlog import Progress, RunSummary, ShowProgress, SlideRecord
 from .slides import Slide
 from .slides.slide import MPP_SLACK
 from .tissue import MaskParams, tissue_mask
@@ -82,7 +82,31 @@ class TileGrid:
 
     @property
     def tile_size_level0(self) -> int:
+        """Tile side at level 0 (pixels)."""
         return int(self.attrs["tile_size_level0"])
+
+    @property
+    def tile_size(self) -> int:
+        """Tile side at the target mpp (pixels): what the encoder is given, after any resize."""
+        return int(self.attrs["tile_size"])
+
+    @property
+    def read_level(self) -> int:
+        """The pyramid level tiles are read from (the finest one at or below the target mpp)."""
+        return int(self.attrs["read_level"])
+
+    @property
+    def read_tile_size(self) -> int:
+        """Tile side at `read_level` (pixels)."""
+        return int(self.attrs["read_tile_size"])
+
+    @property
+    def width0(self) -> int:
+        return int(self.attrs["width0"])
+
+    @property
+    def height0(self) -> int:
+        return int(self.attrs["height0"])
 
 
 def tile_slide(slide: Slide, params: TileParams) -> TileGrid:
@@ -180,8 +204,7 @@ def tile_one(entry: SlideEntry, params: TileParams, out_dir: str, reader: str = 
     def up_to_date() -> SlideRecord | None:
         if overwrite or not (os.path.exists(path) and is_complete(path, key)):
             return None
-        with h5py.File(path, "r") as fh:
-            n = int(fh["coords"].shape[0])
+        n = len(read_tile_file(path).coords)
         return SlideRecord(entry.slide_id, entry.path, "skipped", n, time.time() - start, "up to date")
 
     if (record := up_to_date()) is not None:
@@ -198,7 +221,7 @@ def tile_one(entry: SlideEntry, params: TileParams, out_dir: str, reader: str = 
             if qc:  # before the tile file: a run killed while drawing it redoes the slide, picture included
                 save_png(qc_path(out_dir, entry.slide_id),
                          render_qc(grid.thumbnail, grid.mask, grid.coords, grid.tile_size_level0,
-                                   grid.attrs["width0"], grid.attrs["height0"]))
+                                   grid.width0, grid.height0))
             write_tile_file(path, grid, entry.slide_id, entry.mpp)
         except GigasslError as err:
             return SlideRecord(entry.slide_id, entry.path, "failed", 0, time.time() - start, str(err))
@@ -214,11 +237,12 @@ def tile_one(entry: SlideEntry, params: TileParams, out_dir: str, reader: str = 
 
 
 def run_tile(entries: Sequence[SlideEntry], params: TileParams, out_dir: str, reader: str = "auto",
-             overwrite: bool = False, qc: bool = True, summary_name: str = "tile_summary.json") -> RunSummary:
-    """Tiles a cohort; one bad slide is recorded and the run goes on."""
+             overwrite: bool = False, qc: bool = True, summary_name: str = "tile_summary.json",
+             progress: ShowProgress | None = None) -> RunSummary:
+    """Tiles a cohort; one bad slide is recorded and the run goes on. `progress` gets a line per slide."""
     params.validate()
     summary = RunSummary("tile", {"out": os.path.abspath(out_dir), "reader": reader, **asdict(params)})
-    progress = Progress(len(entries), "tile")
+    progress = Progress(len(entries), "tile", progress)
     for entry in entries:
         record = tile_one(entry, params, out_dir, reader, overwrite, qc)
         summary.add(record)

@@ -27,8 +27,9 @@ from .aggregators import build_aggregator, list_aggregators
 from .distributed import convert_global_bn
 from .errors import GigasslError
 from .outputs import atomic_file, nearly_full, write_error
-from .pack import Store
+from .runtime import check_device, check_precision, rank_seed, resolve_device, train_precision
 from .ssl import SimCLRMIL, nt_xent
+from .store import Store
 from .views import view_pair
 
 
@@ -61,19 +62,11 @@ class TrainParams:
             raise GigasslError(f"--batch-size must be >= 2 for a contrastive loss (got {self.batch_size})")
         if not self.base_lr > 0:
             raise GigasslError(f"--lr must be > 0 (got {self.base_lr})")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise GigasslError(f"--precision must be auto, bf16 or fp32 (got {self.precision!r})")
+        check_precision(self.precision)
+        check_device(self.device)
         if self.init and self.resnet18_weights:
             raise GigasslError("--init and --resnet18-weights both set the starting weights; give one")
         return self
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if dist.is_initialized() and torch.cuda.is_available():
-            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def learning_rate(step: int, steps_per_epoch: int, p: TrainParams, world: int = 1) -> float:
@@ -164,11 +157,11 @@ def load_checkpoint(path: str) -> dict:
 def build_model(aggregator: str, in_dim: int, resnet18_weights: str | None = None) -> SimCLRMIL:
     state = None
     if resnet18_weights:
+        from .encoders.resnet import TORCHVISION_RESNET18
         from .encoders.weights import load_checkpoint as load_weights
         from .encoders.weights import resolve_weights
 
-        url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
-        state = load_weights(resolve_weights(url if resnet18_weights == "imagenet" else resnet18_weights))
+        state = load_weights(resolve_weights(TORCHVISION_RESNET18 if resnet18_weights == "imagenet" else resnet18_weights))
     return SimCLRMIL(build_aggregator(aggregator, in_dim, state))
 
 
@@ -182,14 +175,6 @@ def init_from(model: SimCLRMIL, path: str, aggregator: str, in_dim: int) -> str:
                            f"{aggregator} on {in_dim}-d tiles (set --aggregator, or pack features of that size)")
     load_into(model, ckpt.state, ("backbone.", "projector.") if ckpt.has_projector else "backbone.")
     return ckpt.describe() + ("" if ckpt.has_projector else "; projector initialised afresh")
-
-
-def train_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 autocast on CPUs with AMX (matrix products about 5x float32 there); float32 elsewhere,
-    GPUs included, where the step is bound by launches, not arithmetic (BENCHMARKS.md)."""
-    from .compute import resolve_precision
-
-    return "fp32" if precision == "auto" and device.type != "cpu" else resolve_precision(precision, device.type)
 
 
 def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Tensor],
@@ -228,7 +213,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     unless `force_resume`; then the change is logged in log.jsonl and config.json keeps the original."""
     params.validate()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = _device(params.device)
+    device = resolve_device(params.device)
     precision = train_precision(params.precision, device)
     bf16 = precision == "bf16"
     store = Store(store_path, device)
@@ -247,7 +232,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         model = convert_global_bn(model)
         model.backbone.configure_distributed()
     opt = torch.optim.Adam(model.parameters(), lr=0.0, weight_decay=params.weight_decay)
-    gen = torch.Generator(device="cpu").manual_seed(params.seed * 7919 + rank)
+    gen = torch.Generator(device="cpu").manual_seed(rank_seed(params.seed, rank))
     order_gen = torch.Generator().manual_seed(params.seed)  # same slide order on every rank
     start_epoch, step = 0, 0
     log_path = os.path.join(out_dir, "log.jsonl")

@@ -21,7 +21,7 @@ class TileEncoder:
 
     def __init__(self, name: str, weights: str | None = None, device: torch.device | str = "cpu",
                  precision: str = "auto", pca: str | None = None) -> None:
-        from ..compute import resolve_precision
+        from ..runtime import resolve_precision
 
         self.config = get_config(name)
         self.device = torch.device(device)

@@ -1,0 +1,110 @@
+"""The store format, ``store.h5``: written by ``pack``, read by ``train`` (`Store`: the augmented arrays
+as tensors) and ``embed`` (`StoreFile`: slide by slide), through this module only.
+
+    ids            str (S,)                 slide ids, in store order
+    offsets        int64 (S + 1,)           slide s owns rows offsets[s]:offsets[s+1] of coords/features
+    coords         int64 (T, 2)             level-0 (x, y) of every tissue tile
+    features       float16 (T, D)           plain tile features
+    aug/indices    int32 (S, Naug, Nt)      per slide, indices into its own tiles
+    aug/coords     int64 (S, Naug, Nt, 2)   coordinates of those tiles (gathered once by pack)
+    aug/features   float16 (S, Naug, Nt, D)
+    attrs          encoder, out_dim, naug, nt, weights_checksum, tile parameters, version; complete last
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .errors import GigasslError
+from .h5files import COMPLETE, open_h5, read_attrs, read_strings
+
+FORMAT = "gigassl-fast/store/1"
+REDO = "run `gigassl-fast pack` again"
+
+
+class StoreFile:
+    """A store opened lazily: ids, offsets and attributes on opening, arrays when asked for them. Not a
+    complete store of this format, or damaged arrays: one GigasslError naming the file and the fix."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._fh = open_h5(self.path, "store", REDO)
+        try:
+            self.attrs = read_attrs(self._fh)
+            if self.attrs.get("format") != FORMAT or not self.attrs.get(COMPLETE):
+                raise GigasslError(f"{self.path}: not a complete gigassl-fast store; {REDO} (`train` and `embed` "
+                                   "take a store from `pack`, `embed` also a features folder)")
+            self.ids = read_strings(self._fh["ids"])
+            self.offsets = self._fh["offsets"][:]
+        except (OSError, KeyError) as err:
+            self._fh.close()
+            raise GigasslError(f"{self.path}: not a readable store ({str(err).split('(')[0].strip()}); {REDO}") from None
+        except GigasslError:
+            self._fh.close()
+            raise
+
+    def __enter__(self) -> StoreFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    @property
+    def n_slides(self) -> int:
+        return len(self.ids)
+
+    def slide(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slide i's plain features float16 (N, D) and level-0 coordinates int64 (N, 2)."""
+        rows = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+        return self._read("features", rows), self._read("coords", rows)
+
+    def aug_features(self) -> np.ndarray:
+        return self._read("aug/features")
+
+    def aug_coords(self) -> np.ndarray:
+        return self._read("aug/coords")
+
+    def _read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        try:
+            return self._fh[name][rows]
+        except (OSError, KeyError) as err:  # damaged data behind a readable header
+            raise GigasslError(f"{self.path}: cannot read {name} ({str(err).split('(')[0].strip()}); {REDO}") from None
+
+
+class Store:
+    """A packed store in memory: augmented features and coordinates as tensors on one device.
+
+    Loaded once; ``train`` never touches per-slide files. On a GPU the arrays go to device memory
+    when they fit, otherwise to pinned host memory.
+    """
+
+    def __init__(self, path: str, device: torch.device | str = "cpu") -> None:
+        device = torch.device(device)
+        with StoreFile(path) as fh:
+            self.attrs, self.ids = fh.attrs, fh.ids
+            aug_f = torch.from_numpy(fh.aug_features())
+            aug_xy = torch.from_numpy(fh.aug_coords())
+        self.path = path
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            need = aug_f.numel() * 2 + aug_xy.numel() * 8
+            if need < 0.8 * free:
+                aug_f, aug_xy = aug_f.to(device), aug_xy.to(device)
+            else:
+                aug_f, aug_xy = aug_f.pin_memory(), aug_xy.pin_memory()
+        self.aug_features = aug_f  # (S, Naug, Nt, D) float16
+        self.aug_coords = aug_xy  # (S, Naug, Nt, 2) int64
+
+    @property
+    def n_slides(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.aug_features.shape[-1])
