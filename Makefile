@@ -45,7 +45,7 @@ demo: $(STAMP)
 	$(VENV)/bin/gigassl-fast demo --out demo_out $(if $(wildcard ../shared/data/slides),--sample-slides data/sample_slides.csv)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check python tests benchmarks kernels
+	$(VENV)/bin/ruff check python tests benchmarks kernels tools
 
 bench: $(STAMP)
 	$(VENV)/bin/gigassl-fast bench
@@ -55,7 +55,7 @@ bench: $(STAMP)
 TRITON ?= 3.6.0
 check-kernels: $(STAMP)
 	test -d build/triton-$(TRITON) || $(PY) -m pip install -q --no-deps --target build/triton-$(TRITON) triton==$(TRITON)
-	PYTHONPATH=build/triton-$(TRITON) $(PY) benchmarks/compile_kernels.py
+	PYTHONPATH=build/triton-$(TRITON) $(PY) tools/compile_kernels.py
 
 clean:
 	rm -rf build $(VENV) demo_out .pytest_cache

@@ -34,7 +34,6 @@ from gigassl_fast.benchmarks.workloads import realistic_cohort
 
 from gigassl_fast.slides import Slide
 from gigassl_fast.slides.backends import OpenSlideBackend
-from gigassl_fast.slides.jpeg_engine import RegionPass, level_positions
 from gigassl_fast.tiling import TileParams, tile_slide
 
 BATCH = 64
@@ -51,8 +50,8 @@ def engine_pass(slide: Slide, xy: np.ndarray, level: int, size: int, workers: in
 def raw_streams(slide: Slide, xy: np.ndarray, level: int, size: int) -> list[bytes]:
     """The complete JPEG streams of every source tile the regions touch, read into memory."""
     engine = slide.engine
-    lv = engine.level(slide.level_dimensions[level])
-    regions = RegionPass(engine, lv, level_positions(xy, slide.level_downsamples[level]), size, size)
+    regions = slide.region_pass(xy, level, size, size)
+    lv = regions.level
     tiles = sorted({t for i in range(len(xy)) for t in regions.tiles_of(i)})
     return [engine.tile_stream(lv, t) for t in tiles if lv.counts[t]]
 

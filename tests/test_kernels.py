@@ -186,7 +186,7 @@ def test_every_kernel_variant_compiles_for_hopper():
     "'value' object has no attribute 'dtype'" once this module's interpreter fixture had run first)."""
     require_module("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_kernels.py"), "--capability", "90"],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_kernels.py"), "--capability", "90"],
                        capture_output=True, text=True, env=env, timeout=600)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and lines and "FAILED" not in r.stdout, r.stdout + r.stderr

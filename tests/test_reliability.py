@@ -235,8 +235,32 @@ def test_pack_names_a_feature_file_whose_arrays_are_damaged(cohort, tmp_path):
     shutil.copytree(cohort / "out" / "features", feats)
     with h5py.File(feats / "s1.h5", "r+") as fh:
         del fh["aug/indices"]
-    _one_line(cli("pack", feats, "--out", tmp_path / "store.h5"), str(feats / "s1.h5"), "cannot read its arrays")
+    _one_line(cli("pack", feats, "--out", tmp_path / "store.h5"), str(feats / "s1.h5"), "cannot read aug/indices (missing)")
     assert not (tmp_path / "store.h5").exists() and not (tmp_path / "store.h5.tmp").exists()
+
+
+def test_stages_take_the_folder_encode_printed(cohort, tmp_path):
+    """pack, pca, embed and probe --baseline take encode's --out folder as well as its features/; a file of
+    another format among the feature files is named and passed over, not read as one."""
+    out = cohort / "out"
+    r = cli("pack", out, "--out", tmp_path / "a.h5")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(cohort / "store.h5") as b:
+        assert list(a["ids"][:]) == list(b["ids"][:]) and (a["aug/features"][:] == b["aug/features"][:]).all()
+    assert cli("pca", out, "--dim", "4", "--out", tmp_path / "p.npz").returncode == 0
+    r = cli("embed", out, "--checkpoint", cohort / "run" / "checkpoint_last.pt", "--out", tmp_path / "e.h5",
+            "--views", "3")
+    assert r.returncode == 0 and "4 slides embedded" in r.stdout, r.stderr
+    (tmp_path / "labels.csv").write_text("slide_id,label\ns0,a\ns1,b\ns2,a\ns3,b\n")
+    r = cli("probe", tmp_path / "e.h5", "--labels", tmp_path / "labels.csv", "--baseline", out, "--folds", "2",
+            "--out", tmp_path / "report")
+    assert r.returncode == 0 and "mean-pool" in r.stdout, r.stderr
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out / "features", mixed)
+    shutil.copy(cohort / "store.h5", mixed / "store.h5")
+    r = cli("pack", mixed, "--out", tmp_path / "b.h5")
+    assert r.returncode == 0 and "4 slides" in r.stdout, r.stderr
+    assert f"skipped {mixed / 'store.h5'}: not a feature file (a gigassl-fast/store/1 file)" in r.stderr
 
 
 # -- 6. full disks -----------------------------------------------------------------------------------

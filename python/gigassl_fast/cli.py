@@ -399,10 +399,9 @@ def bench_cmd(stages, quick, out_dir, device) -> None:
     if unknown or not chosen:
         raise click.BadParameter(f"must be among {', '.join(STAGES)} (got {stages!r})", param_hint="--stages")
     if device == "cuda":
-        import torch
+        from .runtime import check_device
 
-        if not torch.cuda.is_available():
-            raise click.BadParameter("no CUDA device here; use --device cpu or auto", param_hint="--device")
+        check_device(device)
     report = run_bench(chosen, quick, out_dir, log=lambda m: click.echo(m, err=True), device=device)
     click.echo(report["table"])
     m = report["machine"]

@@ -21,7 +21,7 @@ from .encoders import get_config
 from .encoders.inference import TileEncoder
 from .errors import GigasslError
 from .features import FORMAT
-from .runtime import check_device, check_precision, resolve_device, slide_seed
+from .runtime import check_device, check_precision, resolve_device, slide_seed, to_device
 from .slides import CorruptTilesError
 from .slides.decoding import Batch, TileDecoder
 from .tiling import TileParams
@@ -88,12 +88,6 @@ def reuse_key(entry: SlideEntry, params: EncodeParams, checksum: str, compute_pr
             "compute_precision": compute_precision}
 
 
-def _to(device: torch.device, a: np.ndarray) -> torch.Tensor:
-    """A host index array on `device`; to a GPU through pinned memory, so that the host does not wait."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
-
-
 def _to_float(tiles_u8: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (B, s, s, 3) -> float (B, 3, size, size) in [0, 1], on the tensor's device."""
     x = tiles_u8.permute(0, 3, 1, 2).float().div_(255)
@@ -124,7 +118,7 @@ def encode_slide(tile: int, coords: np.ndarray, params: EncodeParams, enc: TileE
     pool = torch.empty((len(needed) + 1, tile, tile, 3), dtype=torch.uint8, device=dev)
     slot = np.full(max(n, 1), len(needed), np.int64)
     slot[needed] = np.arange(len(needed))
-    slot_dev = _to(dev, slot)
+    slot_dev = to_device(slot, dev)
     features = torch.empty((n, enc.out_dim), dtype=torch.float16, device=dev)
     clock = _StageClock(dev, timings)
     corrupt: list[CorruptTilesError] = []
@@ -145,8 +139,7 @@ def encode_slide(tile: int, coords: np.ndarray, params: EncodeParams, enc: TileE
         start = stop
         t_wait = time.perf_counter()
     if corrupt:
-        raise CorruptTilesError(corrupt[0].path, [p for e in corrupt for p in e.positions], corrupt[0].level,
-                                corrupt[0].detail)
+        raise CorruptTilesError.merged(corrupt)
     if start != n:
         raise GigasslError(f"{slide_id}: {start} of {n} tiles were decoded (please report this)")
     aug_features = torch.empty((params.naug if n else 0, params.nt, enc.out_dim), dtype=torch.float16, device=dev)
@@ -157,14 +150,14 @@ def encode_slide(tile: int, coords: np.ndarray, params: EncodeParams, enc: TileE
         # A tile drawn twice into one batch gets the same augmentation, hence the same features: encode
         # each distinct tile of the batch once (saves much on slides with fewer tiles than Nt).
         unique, inverse = np.unique(slot[indices[a].numpy()], return_inverse=True)
-        unique_dev = _to(dev, unique)
+        unique_dev = to_device(unique, dev)
         feats = torch.empty((len(unique), enc.out_dim), dtype=torch.float32, device=dev)
         for b in range(0, len(unique), bs):
             with clock("augment"):
                 batch = augment(_to_float(pool[unique_dev[b:b + bs]], tile), p, size)
             with clock("encode"):
                 feats[b:b + bs] = enc(batch)
-        aug_features[a] = feats[_to(dev, inverse)].half()
+        aug_features[a] = feats[to_device(inverse, dev)].half()
     out = {"coords": coords.astype(np.int64), "features": features.cpu().numpy(),
            "indices": indices.numpy().astype(np.int32) if n else np.zeros((0, params.nt), np.int32),
            "aug_features": aug_features.cpu().numpy(), "aug_params": aug_params}

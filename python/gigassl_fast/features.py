@@ -16,16 +16,15 @@ from __future__ import annotations
 import glob
 import os
 
-import h5py
 import numpy as np
 
 from .augment import PARAM_COLUMNS
 from .errors import GigasslError
-from .h5files import COMPLETE, atomic_h5, open_h5, read_attrs, write_attrs
+from .h5files import H5Reader, atomic_h5, write_attrs
 
 FORMAT = "gigassl-fast/features/1"
 #: What to do about a feature file that cannot be read.
-REDO = "rerun `gigassl-fast encode` for its slide"
+REDO = "rerun `gigassl-fast encode` for its slide (or give encode's --out folder or its features/)"
 
 
 def features_path(out_dir: str, slide_id: str) -> str:
@@ -70,38 +69,11 @@ def feature_files(path: str) -> list[str]:
     return files
 
 
-class FeatureFile:
-    """One feature file, opened lazily: its attributes on opening, each array when asked for it.
+class FeatureFile(H5Reader):
+    """One feature file, opened lazily: its attributes on opening, each array when asked for it (a file
+    that cannot be read, or of another format, is one GigasslError naming it and the fix)."""
 
-    A file that is not readable HDF5, or whose arrays are damaged behind a readable header, is one
-    GigasslError naming it and the fix. Use as a context manager (or call ``close``)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = os.fspath(path)
-        self._fh = open_h5(self.path, "feature file", REDO)
-        try:
-            self.attrs = read_attrs(self._fh)
-        except (OSError, KeyError) as err:
-            self._fh.close()
-            raise self._damaged(err) from None
-        if self.attrs.get("format") != FORMAT:
-            self._fh.close()
-            what = f"a {self.attrs['format']} file" if self.attrs.get("format") else "an HDF5 file of another program"
-            raise GigasslError(f"{self.path}: not a feature file ({what}); give the feature files of "
-                               "`gigassl-fast encode` (its --out folder or features/), or move this file away")
-
-    def __enter__(self) -> FeatureFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._fh.close()
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.attrs.get(COMPLETE))
+    what, format, redo = "feature file", FORMAT, REDO
 
     @property
     def slide_id(self) -> str:
@@ -109,53 +81,37 @@ class FeatureFile:
 
     @property
     def n_tiles(self) -> int:
-        return int(self._get("coords").shape[0])
+        return int(self.dataset("coords").shape[0])
 
     @property
     def dim(self) -> int:
-        return int(self._get("features").shape[1])
+        return int(self.dataset("features").shape[1])
 
     def coords(self) -> np.ndarray:
-        return self._read("coords")
+        return self.read("coords")
 
     def features(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Plain tile features, float16 (N, D); `rows` (sorted indices or a slice) reads only those."""
-        return self._read("features", rows)
+        return self.read("features", rows)
 
     def aug_indices(self) -> np.ndarray:
-        return self._read("aug/indices")
+        return self.read("aug/indices")
 
     def aug_features(self) -> np.ndarray:
-        return self._read("aug/features")
+        return self.read("aug/features")
 
     def aug_params(self) -> np.ndarray:
-        return self._read("aug/params")
+        return self.read("aug/params")
 
     def corrupt_coords(self) -> np.ndarray:
         """Tiles left out for corrupt image data; files written before this array existed have none."""
-        return self._read("corrupt_coords") if "corrupt_coords" in self._fh else np.zeros((0, 2), np.int64)
+        return self.read("corrupt_coords") if self.has("corrupt_coords") else np.zeros((0, 2), np.int64)
 
     def arrays(self) -> dict:
         """Every array and the attributes, in memory."""
         return {"coords": self.coords(), "features": self.features(), "aug_indices": self.aug_indices(),
                 "aug_features": self.aug_features(), "aug_params": self.aug_params(),
                 "corrupt_coords": self.corrupt_coords(), "attrs": dict(self.attrs)}
-
-    def _get(self, name: str) -> h5py.Dataset:
-        try:
-            return self._fh[name]
-        except (OSError, KeyError) as err:
-            raise self._damaged(err) from None
-
-    def _read(self, name: str, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
-        try:
-            return self._get(name)[rows]
-        except (OSError, KeyError) as err:  # damaged data behind a readable header
-            raise self._damaged(err) from None
-
-    def _damaged(self, err: BaseException) -> GigasslError:
-        cause = str(err).split("(")[0].strip().rstrip(",") or type(err).__name__
-        return GigasslError(f"{self.path}: cannot read its arrays ({cause}); {REDO}, or move the file away")
 
 
 def read_features(path: str | os.PathLike) -> dict:

@@ -41,6 +41,65 @@ def open_h5(path: str | os.PathLike, what: str, fix: str) -> h5py.File:
         raise GigasslError(f"{path}: not a readable {what}, truncated or damaged ({cause}); {fix}") from None
 
 
+class H5Reader:
+    """One of our HDF5 outputs opened lazily: attributes on opening, arrays when asked. A file that is not
+    readable, of another format, or with arrays damaged behind a readable header, is one GigasslError
+    naming it and `redo`. Subclasses set `what`, `format` and `redo`. A context manager."""
+
+    what = "file"
+    format = ""
+    redo = ""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._fh = open_h5(self.path, self.what, self.redo)
+        try:
+            self.attrs = read_attrs(self._fh)
+        except (OSError, KeyError) as err:
+            self._fh.close()
+            raise self._damaged("its attributes", err) from None
+        if self.attrs.get("format") != self.format:
+            self._fh.close()
+            found = f"a {self.attrs['format']} file" if self.attrs.get("format") else "an HDF5 file of another program"
+            raise GigasslError(f"{self.path}: not a {self.what} ({found}); {self.redo}, or move this file away")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get(COMPLETE))
+
+    def has(self, name: str) -> bool:
+        return name in self._fh
+
+    def dataset(self, name: str) -> h5py.Dataset:
+        try:
+            return self._fh[name]
+        except (OSError, KeyError) as err:
+            raise self._damaged(name, err) from None
+
+    def read(self, name: str, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Dataset `name`, or only its `rows` (a slice or sorted indices)."""
+        try:
+            return self.dataset(name)[rows]
+        except (OSError, KeyError) as err:  # damaged data behind a readable header
+            raise self._damaged(name, err) from None
+
+    def _damaged(self, name: str, err: BaseException) -> GigasslError:
+        if isinstance(err, KeyError):  # h5py's word for a dataset that is not there
+            cause = "missing"
+        else:
+            cause = str(err).split("(")[0].strip().strip("'\"").rstrip(",") or type(err).__name__
+        return GigasslError(f"{self.path}: cannot read {name} ({cause}); {self.redo}, or move the file away")
+
+
 def write_attrs(group: h5py.Group | h5py.File, attrs: Mapping[str, object]) -> None:
     """Stores scalars as HDF5 attributes and dicts/lists as JSON strings."""
     for key, value in attrs.items():

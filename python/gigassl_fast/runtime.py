@@ -10,6 +10,7 @@ import os
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import GigasslError
@@ -91,6 +92,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(f"cuda:{here.local_rank}") if here.distributed else torch.device("cuda")
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`: the same memory on the CPU; to a GPU through pinned memory,
+    without the host waiting for the copy."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
 def slide_seed(seed: int, slide_id: str) -> int:
     """Per-slide seed: the same for a slide whatever the shard, rank or cohort order (encode's tile draws
     and augmentations, embed's views)."""
@@ -137,4 +145,4 @@ def train_precision(precision: str, device: torch.device) -> str:
 
 
 __all__ = ["DEVICES", "Launch", "check_device", "check_precision", "cpu_has_amx_bf16", "init_distributed", "launch",
-           "rank_seed", "resolve_device", "resolve_precision", "slide_seed", "train_precision"]
+           "rank_seed", "resolve_device", "resolve_precision", "slide_seed", "to_device", "train_precision"]

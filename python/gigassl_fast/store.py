@@ -19,41 +19,29 @@ import numpy as np
 import torch
 
 from .errors import GigasslError
-from .h5files import COMPLETE, open_h5, read_attrs, read_strings
+from .h5files import H5Reader, read_strings
 
 FORMAT = "gigassl-fast/store/1"
-REDO = "run `gigassl-fast pack` again"
+REDO = "run `gigassl-fast pack` again (`train` takes a store from `pack`; `embed` a store or feature files)"
 
 
-class StoreFile:
-    """A store opened lazily: ids, offsets and attributes on opening, arrays when asked for them. Not a
-    complete store of this format, or damaged arrays: one GigasslError naming the file and the fix."""
+class StoreFile(H5Reader):
+    """A store opened lazily: ids, offsets and attributes on opening, arrays when asked for them (not a
+    complete store of this format, or damaged arrays: one GigasslError naming the file and the fix)."""
+
+    what, format, redo = "store", FORMAT, REDO
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = os.fspath(path)
-        self._fh = open_h5(self.path, "store", REDO)
+        super().__init__(path)
+        if not self.complete:
+            self.close()
+            raise GigasslError(f"{self.path}: an incomplete store (its writer stopped); {REDO}")
         try:
-            self.attrs = read_attrs(self._fh)
-            if self.attrs.get("format") != FORMAT or not self.attrs.get(COMPLETE):
-                raise GigasslError(f"{self.path}: not a complete gigassl-fast store; {REDO} (`train` and `embed` "
-                                   "take a store from `pack`, `embed` also a features folder)")
-            self.ids = read_strings(self._fh["ids"])
-            self.offsets = self._fh["offsets"][:]
-        except (OSError, KeyError) as err:
-            self._fh.close()
-            raise GigasslError(f"{self.path}: not a readable store ({str(err).split('(')[0].strip()}); {REDO}") from None
+            self.ids = read_strings(self.dataset("ids"))
+            self.offsets = self.read("offsets")
         except GigasslError:
-            self._fh.close()
+            self.close()
             raise
-
-    def __enter__(self) -> StoreFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._fh.close()
 
     @property
     def n_slides(self) -> int:
@@ -62,19 +50,13 @@ class StoreFile:
     def slide(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Slide i's plain features float16 (N, D) and level-0 coordinates int64 (N, 2)."""
         rows = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
-        return self._read("features", rows), self._read("coords", rows)
+        return self.read("features", rows), self.read("coords", rows)
 
     def aug_features(self) -> np.ndarray:
-        return self._read("aug/features")
+        return self.read("aug/features")
 
     def aug_coords(self) -> np.ndarray:
-        return self._read("aug/coords")
-
-    def _read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
-        try:
-            return self._fh[name][rows]
-        except (OSError, KeyError) as err:  # damaged data behind a readable header
-            raise GigasslError(f"{self.path}: cannot read {name} ({str(err).split('(')[0].strip()}); {REDO}") from None
+        return self.read("aug/coords")
 
 
 class Store:

@@ -43,6 +43,17 @@ class CorruptTilesError(SlideError):
         more = f" and {len(self.positions) - 1} more" if len(self.positions) > 1 else ""
         super().__init__(path, f"corrupt tile data at level-0 ({x}, {y}){more}, level {level} ({detail})")
 
+    @classmethod
+    def in_batch(cls, path: object, xy: np.ndarray, bad: dict[int, str], level: int) -> CorruptTilesError:
+        """The error of a batch of regions at `xy` (level-0), `bad` mapping the index of each damaged one to
+        what is wrong with it (``RegionPass.read``'s second result)."""
+        return cls(path, [tuple(xy[i]) for i in bad], level, next(iter(bad.values())))
+
+    @classmethod
+    def merged(cls, errors: list[CorruptTilesError]) -> CorruptTilesError:
+        """One error naming every region of `errors` (a slide's batches), with the first one's detail."""
+        return cls(errors[0].path, [p for e in errors for p in e.positions], errors[0].level, errors[0].detail)
+
 
 def plausible_mpp(value: float | None) -> float | None:
     if value is None or not np.isfinite(value):
@@ -132,10 +143,9 @@ class SlideBackend(ABC):
                            num_workers: int = 1) -> torch.Tensor:
         """uint8 (N, height, width, 3) tensor on `device`. Decoded on the CPU and copied, unless a
         backend decodes on the device itself."""
-        import torch
+        from ..runtime import to_device
 
-        tiles = torch.from_numpy(self.read_regions(xy, level, width, height, num_workers))
-        return tiles if device.type == "cpu" else tiles.pin_memory().to(device, non_blocking=True)
+        return to_device(self.read_regions(xy, level, width, height, num_workers), device)
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         pass

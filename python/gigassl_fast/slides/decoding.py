@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from ..errors import GigasslError
+from ..runtime import to_device
 from .backends import CorruptTilesError, _first_line
-from .jpeg_engine import JpegLevel, RegionPass, level_positions
+from .jpeg_engine import JpegLevel
 from .slide import ENGINE, Slide
 
 #: One decoded batch: the tiles on the device, or the error naming its corrupt tiles.
@@ -106,12 +107,9 @@ class TileDecoder:
         if len(xy) == 0:  # nothing to decode, and nothing to try a decoder on
             return
         name, _ = slide.decode_path(level)
-        if name == ENGINE and self.nv_available:
-            lv = slide.engine.level(slide.level_dimensions[level])
-            positions = level_positions(xy, slide.level_downsamples[level])
-            if self._nv_trusted(slide, lv, positions[:batch_size], size, workers):
-                yield from self._gpu_engine(slide, lv, positions, xy, level, size, batch_size)
-                return
+        if name == ENGINE and self.nv_available and self._nv_trusted(slide, xy[:batch_size], level, size, workers):
+            yield from self._gpu_engine(slide, xy, level, size, batch_size)
+            return
         if name == ENGINE or not (self.cucim_on_device and name == "cucim"):
             for tiles, err in slide.region_batches(xy, level, size, size, batch_size, workers):
                 yield (None if tiles is None else self._to_device(tiles)), err
@@ -128,23 +126,18 @@ class TileDecoder:
                 yield None, err
 
     def _to_device(self, tiles: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(tiles)
-        return t if self.device.type == "cpu" else t.pin_memory().to(self.device, non_blocking=True)
+        return to_device(tiles, self.device)
 
     # -- the engine's streams on the GPU (nvImageCodec) -------------------------------------------------------
-    def _gpu_engine(self, slide: Slide, lv: JpegLevel, positions: np.ndarray, xy: np.ndarray, level: int,
-                    size: int, batch_size: int) -> Iterator[Batch]:
+    def _gpu_engine(self, slide: Slide, xy: np.ndarray, level: int, size: int, batch_size: int) -> Iterator[Batch]:
         from .gpu_jpeg import DeviceRegionPass
 
-        regions = DeviceRegionPass(RegionPass(slide.engine, lv, positions, size, size), self._nv_decoder(lv),
-                                   self.device, batch_size)
+        plan = slide.region_pass(xy, level, size, size)
+        regions = DeviceRegionPass(plan, self._nv_decoder(plan.level), self.device, batch_size)
         for start in range(0, len(xy), batch_size):
             stop = min(len(xy), start + batch_size)
             tiles, bad = regions.read(start, stop)
-            err = None
-            if bad:
-                err = CorruptTilesError(slide.path, [tuple(xy[i]) for i in bad], level, next(iter(bad.values())))
-            yield tiles, err
+            yield tiles, (CorruptTilesError.in_batch(slide.path, xy, bad, level) if bad else None)
 
     def _nv_decoder(self, lv: JpegLevel):
         from .gpu_jpeg import NvImageCodecDecode
@@ -154,11 +147,12 @@ class TileDecoder:
             self._nv_decoders[key] = NvImageCodecDecode(self.device, *key)
         return self._nv_decoders[key]
 
-    def _nv_trusted(self, slide: Slide, lv: JpegLevel, positions: np.ndarray, size: int, workers: int) -> bool:
+    def _nv_trusted(self, slide: Slide, xy: np.ndarray, level: int, size: int, workers: int) -> bool:
         """Whether nvImageCodec decodes this kind of JPEG tile as the CPU engine does: tried once per kind,
-        on the first batch of the first slide that has it."""
+        on the first batch (`xy`) of the first slide that has it."""
+        lv = slide.engine.level(slide.level_dimensions[level])
         if lv.variant not in self._nv_trials:
-            why = self._gpu_jpeg_trial(slide, lv, positions, size, workers)
+            why = self._gpu_jpeg_trial(slide, xy, level, size, workers)
             if why == "":  # no sound region to compare in this batch: try again on the next slide
                 return False
             self._nv_trials[lv.variant] = why
@@ -168,28 +162,28 @@ class TileDecoder:
                 click.echo(f"warning: JPEG tiles decoded on the CPU: {why} on {slide.path}", err=True)
         return self._nv_trials[lv.variant] is None
 
-    def _gpu_jpeg_trial(self, slide: Slide, lv: JpegLevel, positions: np.ndarray, size: int,
-                        workers: int) -> str | None:
+    def _gpu_jpeg_trial(self, slide: Slide, xy: np.ndarray, level: int, size: int, workers: int) -> str | None:
         """The batch decoded by the CPU engine and by nvImageCodec: None when the pixels agree to the IDCT's
         rounding (the rates go in the run's note), else why not ("" when there was nothing to compare)."""
         import time
 
         from .gpu_jpeg import DeviceRegionPass
 
+        cpu_pass, gpu_plan = slide.region_pass(xy, level, size, size), slide.region_pass(xy, level, size, size)
+        lv, n = cpu_pass.level, len(xy)
         kind = (f"{'RGB' if lv.rgb else 'YCbCr'} {lv.subsampling[0]}x{lv.subsampling[1]} "
                 f"{lv.tile_width}x{lv.tile_height} tiles")
         try:
             t = time.perf_counter()
-            cpu, bad = RegionPass(slide.engine, lv, positions, size, size).read(0, len(positions), workers)
+            cpu, bad = cpu_pass.read(0, n, workers)
             t_cpu = time.perf_counter() - t
-            gpu_pass = DeviceRegionPass(RegionPass(slide.engine, lv, positions, size, size), self._nv_decoder(lv),
-                                        self.device, len(positions))
+            gpu_pass = DeviceRegionPass(gpu_plan, self._nv_decoder(lv), self.device, n)
             torch.cuda.synchronize(self.device)
             t = time.perf_counter()
-            gpu, _ = gpu_pass.read(0, len(positions))
+            gpu, _ = gpu_pass.read(0, n)
             torch.cuda.synchronize(self.device)
             t_gpu = time.perf_counter() - t
-            good = [i for i in range(len(positions)) if i not in bad]
+            good = [i for i in range(n) if i not in bad]
             if not good:
                 return ""
             diff = (gpu[good].cpu().int() - torch.from_numpy(cpu[good]).int()).abs()

@@ -1,7 +1,7 @@
 """The JPEG tile engine on a GPU: the same bitstreams, batch-decoded by nvImageCodec (nvJPEG) into device
 memory, and the regions gathered there; nothing returns to the host.
 
-Opt-in (``encode --decode gpu``) until benchmarks/gpu_check.py has run it on a GPU machine: it has not yet.
+Opt-in (``encode --decode gpu``) until tools/gpu_check.py has run it on a GPU machine: it has not yet.
 Before the first slide it decodes a trial batch on both sides and falls back to the CPU engine, saying
 why, when the pixels differ by more than the IDCT's rounding.
 
@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..runtime import to_device
 from .jpeg_engine import RegionPass
 
 #: (streams) -> (uint8 (N, tile_height, tile_width, 3) on the device, {stream index: problem})
@@ -144,8 +145,7 @@ class DeviceRegionPass:
 
 
 def _on(device: torch.device, a: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+    return to_device(np.asarray(a, dtype=np.int64), device)
 
 
 def nvimgcodec_status() -> tuple[bool, str]:

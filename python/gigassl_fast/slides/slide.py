@@ -176,7 +176,7 @@ class Slide:
                 corrupt.append(err)
             start += len(batch) if batch is not None else 0
         if corrupt:
-            raise CorruptTilesError(self.path, [p for e in corrupt for p in e.positions], level, corrupt[0].detail)
+            raise CorruptTilesError.merged(corrupt)
         return out
 
     def region_batches(self, xy: np.ndarray, level: int, width: int, height: int, batch_size: int,
@@ -186,9 +186,8 @@ class Slide:
         for a batch with corrupt image data, (regions or None, the error naming its damaged regions);
         the pixels of damaged regions are undefined."""
         xy = np.asarray(xy, np.int64).reshape(-1, 2)
-        engine = self.engine
-        lv = engine.level(self.level_dimensions[level]) if engine is not None else None
-        if lv is None:
+        regions = self.region_pass(xy, level, width, height)
+        if regions is None:
             for start in range(0, len(xy), batch_size):
                 try:
                     yield self.backend.read_regions(xy[start:start + batch_size], level, width, height,
@@ -196,23 +195,26 @@ class Slide:
                 except CorruptTilesError as err:
                     yield None, err
             return
-        regions = RegionPass(engine, lv, level_positions(xy, self.level_downsamples[level]), width, height)
         for start in range(0, len(xy), batch_size):
             stop = min(len(xy), start + batch_size)
             batch, bad = regions.read(start, stop, num_workers)
-            err = None
-            if bad:
-                first = next(iter(bad.values()))
-                err = CorruptTilesError(self.path, [tuple(xy[i]) for i in bad], level, first)
-            yield batch, err
+            yield batch, (CorruptTilesError.in_batch(self.path, xy, bad, level) if bad else None)
+
+    def region_pass(self, xy: np.ndarray, level: int, width: int, height: int) -> RegionPass | None:
+        """The JPEG tile engine's pass over regions at level-0 `xy` (N, 2) read at `level` (each source
+        tile decoded once for the pass), or None when that level is not the engine's (``decode_path``)."""
+        engine = self.engine
+        lv = engine.level(self.level_dimensions[level]) if engine is not None else None
+        if lv is None:
+            return None
+        return RegionPass(engine, lv, level_positions(xy, self.level_downsamples[level]), width, height)
 
     def read_regions_torch(self, xy: np.ndarray, level: int, width: int, height: int, device: torch.device,
                            num_workers: int = 1) -> torch.Tensor:
         """`read_regions` as a uint8 tensor on `device` (decoded on the CPU, copied from pinned memory)."""
-        import torch
+        from ..runtime import to_device
 
-        tiles = torch.from_numpy(self.read_regions(xy, level, width, height, num_workers))
-        return tiles if device.type == "cpu" else tiles.pin_memory().to(device, non_blocking=True)
+        return to_device(self.read_regions(xy, level, width, height, num_workers), device)
 
     def thumbnail(self, target_mpp: float) -> np.ndarray:
         """uint8 (h, w, 3) RGB of the whole slide at `target_mpp` microns per pixel (area-averaged).

@@ -4,11 +4,11 @@
 #      decoding, OpenSlide for the reference reader, imagecodecs to write the synthetic JPEG slides,
 #      kornia for the reference's augmentations);
 #   2. builds and installs this package in place (falls back to a plain CMake build when pip cannot);
-#   3. benchmarks/gpu_check.py: GPU paths against CPU paths, Triton kernels against their twins, rates;
+#   3. tools/gpu_check.py: GPU paths against CPU paths, Triton kernels against their twins, rates;
 #   4. `gigassl-fast bench --quick --device cuda`, then the full-size train and embed benchmarks, and
 #      encode on a 2-slide realistic cohort at Naug 50 x Nt 256 (4 slides with GPU_CHECK_FULL_ENCODE=1).
-# Usage, from the repository root:  bash benchmarks/gpu_check.sh      (results in $OUT or bench_out/)
-# Fetch the wheels beforehand on a machine with pip access: bash benchmarks/fetch_gpu_wheels.sh 3.12
+# Usage, from the repository root:  bash tools/gpu_check.sh      (results in $OUT or bench_out/)
+# Fetch the wheels beforehand on a machine with pip access: bash tools/fetch_gpu_wheels.sh 3.12
 set -uo pipefail
 out="${OUT:-bench_out}"
 mkdir -p "$out"
@@ -31,12 +31,13 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/build.l
     && cmake --build build/gpu -j 16 >>/tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
   cp build/gpu/_core*.so python/gigassl_fast/
   ln -sfn ../../kernels python/gigassl_fast/kernels
+  ln -sfn ../../benchmarks python/gigassl_fast/benchmarks
   export PYTHONPATH=$PWD/python:$PYTHONPATH
 fi
 python3 -m gigassl_fast info
 
 step "gpu_check.py"
-python3 benchmarks/gpu_check.py --out "$out" "$@"
+python3 tools/gpu_check.py --out "$out" "$@"
 check=$?
 
 step "bench --quick on the GPU"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Fetches into .whl/ the wheels that benchmarks/gpu_check.sh installs on a bare GPU machine with no
+# Fetches into .whl/ the wheels that tools/gpu_check.sh installs on a bare GPU machine with no
 # package index: cuCIM and nvImageCodec (GPU decoding), OpenSlide (the reference reader), imagecodecs
 # (JPEG for the synthetic slides), kornia (the encode reference's augmentations). Run where pip can reach PyPI; PY is the GPU machine's Python version.
 # nvImageCodec ships an extension per Python version and cuCIM its test data: both are dropped, which
 # keeps the set near 51 MB (the device tool carries 64 MiB at most).
-#   bash benchmarks/fetch_gpu_wheels.sh [PY=3.12]
+#   bash tools/fetch_gpu_wheels.sh [PY=3.12]
 set -euo pipefail
 py="${1:-3.12}"
 tag="cp${py/./}"

@@ -4,7 +4,7 @@ Triton versions differ in what their compiler accepts (tap_scatter once compiled
 failed in 3.6's layout pass, found only on the GPU machine). This runs the whole compiler pipeline down to
 a cubin on any machine, so a kernel change can be checked against the Triton the GPU machines run:
 
-    python benchmarks/compile_kernels.py [--capability 90]
+    python tools/compile_kernels.py [--capability 90]
     make check-kernels TRITON=3.6.0     # the same with another Triton version, installed under build/
 """
 
@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GATHER_GEMM = {"x_ptr": "*fp16", "rows_ptr": "*i64", "w_ptr": "*fp32", "y_ptr": "*fp32", "bias_ptr": "*fp32",
                "m": "i32", "n": "i32", "k": "i32", "stride_x": "i32", "stride_w": "i32", "stride_y": "i32"}
@@ -41,7 +38,7 @@ def variants():
 def compile_all(capability: int = 90) -> list[tuple[str, str | None]]:
     """[(variant, None when it compiled else the compiler's last line)]."""
     import triton
-    from kernels import _sparse_bag_triton as k
+    from gigassl_fast.kernels import _sparse_bag_triton as k
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

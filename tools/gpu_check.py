@@ -2,8 +2,8 @@
 twin, and the GPU rates that matter (decode, augment, encode tiles/s; training views/s). Run on a machine
 with a CUDA GPU through gpu_check.sh; each section reports and the script goes on when one fails.
 
-    python benchmarks/gpu_check.py [--only SECTIONS] [--tiles 1024] [--out DIR]
-    python benchmarks/gpu_check.py --dry-run     # the same sections on the CPU, tiny sizes, Triton interpreter
+    python tools/gpu_check.py [--only SECTIONS] [--tiles 1024] [--out DIR]
+    python tools/gpu_check.py --dry-run     # the same sections on the CPU, tiny sizes, Triton interpreter
 
 Sections:
   decode    cuCIM GPU decoding against CPU decoding (mean |difference| in grey levels), and both rates, for
@@ -37,10 +37,8 @@ if DRY:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from gigassl_fast.benchmarks.common import machine  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import machine  # noqa: E402
 from gigassl_fast.compute import report  # noqa: E402
 
 DEV = torch.device("cpu" if DRY else "cuda")
@@ -88,7 +86,7 @@ def section(name: str):
 
 
 def random_resnet_weights(tmp: str) -> str:
-    from benchmarks.reference.encode import FullResNet18
+    from gigassl_fast.benchmarks.reference.encode import FullResNet18
 
     torch.manual_seed(0)
     path = os.path.join(tmp, "resnet18.pth")
@@ -157,7 +155,6 @@ def decode_one(slide: str, n: int, workers: int) -> None:
 def check_jpeg_engine(slide: str, n_tiles: int) -> dict:
     from gigassl_fast.slides import Slide
     from gigassl_fast.slides.gpu_jpeg import NvImageCodecDecode, nvimgcodec_status
-    from gigassl_fast.slides.jpeg_engine import level_positions
     from gigassl_fast.tiling import TileParams, tile_slide
 
     ok, why = (True, "dry run: a CPU stand-in") if DRY else nvimgcodec_status()
@@ -184,24 +181,22 @@ def check_jpeg_engine(slide: str, n_tiles: int) -> dict:
             grid = tile_slide(s, TileParams(mpp=0.5, tile_size=224, min_tissue=0.0))
             level, size = grid.read_level, grid.read_tile_size
             xy = grid.coords[:n]
-            lv = s.engine.level(s.level_dimensions[level])
-            pos = level_positions(xy, s.level_downsamples[level])
+            lv = s.region_pass(xy, level, size, size).level
             decode = _stand_in_decoder(lv) if DRY else NvImageCodecDecode(DEV, lv.tile_width, lv.tile_height)
             for batch in (64, 256) if name == "work slide" else (256,):
-                res = {"slide": name, **_compare_jpeg_paths(s, lv, pos, xy, level, size, batch, decode, cores)}
+                res = {"slide": name, **_compare_jpeg_paths(s, xy, level, size, batch, decode, cores)}
                 out["configs"].append(res)
                 print(json.dumps(res))
     out["ok"] = all(c["ok"] for c in out["configs"])
     return out
 
 
-def _compare_jpeg_paths(s, lv, pos, xy, level, size, batch, decode, cores) -> dict:
+def _compare_jpeg_paths(s, xy, level, size, batch, decode, cores) -> dict:
     """The GPU path against the CPU engine at one batch size: pixels and rates."""
     from gigassl_fast.slides.gpu_jpeg import DeviceRegionPass
-    from gigassl_fast.slides.jpeg_engine import RegionPass
 
     def gpu_pass():
-        regions = DeviceRegionPass(RegionPass(s.engine, lv, pos, size, size), decode, DEV, batch)
+        regions = DeviceRegionPass(s.region_pass(xy, level, size, size), decode, DEV, batch)
         return torch.cat([regions.read(i, min(len(xy), i + batch))[0] for i in range(0, len(xy), batch)])
 
     def cpu_pass():
