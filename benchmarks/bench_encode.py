@@ -83,10 +83,13 @@ class Settings:
     workdir: str | None = None  # where the generated slides are kept (default /tmp/gigassl_bench_workloads)
     device: str = "auto"
 
+    def effective(self) -> Settings:
+        """The settings a run uses: QUICK's where `quick` is set."""
+        return dataclasses.replace(self, **QUICK) if self.quick else self
+
 
 def run(cfg: Settings) -> dict:
-    if cfg.quick:
-        cfg = dataclasses.replace(cfg, **QUICK)
+    cfg = cfg.effective()
     workdir = cfg.workdir or "/tmp/gigassl_bench_workloads"
     paths = realistic_cohort(workdir, n_slides=cfg.slides, tissue_tiles=cfg.tissue_tiles)
     tmp = tempfile.mkdtemp(prefix="bench_encode_")
@@ -184,7 +187,7 @@ def main() -> None:
     args = ap.parse_args()
     settings = Settings(**{k: v for k, v in vars(args).items() if k != "out"})
     out = run(settings)
-    write_json(args.out, {"benchmark": "encode", "machine": machine(), "config": dataclasses.asdict(settings), **out})
+    write_json(args.out, {"benchmark": "encode", "machine": machine(), "config": dataclasses.asdict(settings.effective()), **out})
 
 
 if __name__ == "__main__":

@@ -48,17 +48,18 @@ MIN_TISSUE = 0.1
 MIN_OVERLAP = 0.5
 
 
-def cases(sizes: list[int]) -> list[tuple[str, np.ndarray, int]]:
-    """(name, thumbnail, level-0 downsample of the thumbnail)."""
+def cases(sizes: list[int], samples: str | None = None) -> list[tuple[str, np.ndarray, int]]:
+    """(name, thumbnail, level-0 downsample of the thumbnail): the slides of `samples` (files, a folder or a
+    manifest with their mpp, e.g. data/sample_slides.csv), then synthetic thumbnails of each size."""
     out = []
-    sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "slides")
-    if os.path.isdir(sample):
+    if samples:
+        from gigassl_fast.cohort import collect_slides
         from gigassl_fast.slides import Slide
 
-        for name, mpp in [("cmu_small_region.svs", None), ("fluorescence_dapi.ndpi", None), ("kidney-48-5.tif", 1.0)]:
-            with Slide(os.path.join(sample, name), mpp=mpp) as s:
+        for entry in collect_slides([samples]):
+            with Slide(entry.path, mpp=entry.mpp) as s:
                 thumb = s.thumbnail(max(2.0, s.mpp))
-                out.append((name, thumb, s.dimensions[0] / thumb.shape[1]))
+                out.append((os.path.basename(entry.path), thumb, s.dimensions[0] / thumb.shape[1]))
     from gigassl_fast.synthetic import synthetic_tissue
 
     for n in sizes:
@@ -95,12 +96,12 @@ def overlap(c_ours: np.ndarray, c_ref: np.ndarray) -> float:
     return len(ref & set(map(tuple, c_ours.tolist()))) / len(ref) if ref else 1.0
 
 
-def run(sizes: list[int], runs: int = 5) -> dict:
+def run(sizes: list[int], runs: int = 5, samples: str | None = None) -> dict:
     """Times every case; returns the stage summary (totals over the synthetic cases) and the rows."""
     results = []
     print(f"{'thumbnail':<26} {'pixels':>10} {'tiles':>7} {'ref':>7} {'overlap':>8} {'ours ms':>9} {'ref ms':>9} "
           f"{'speedup':>8}")
-    for name, thumb, ds in cases(sizes):
+    for name, thumb, ds in cases(sizes, samples):
         m_ours, c_ours = ours(thumb, ds)
         m_ref, c_ref = reference(thumb, ds)
         if not np.array_equal(m_ours, m_ref):
@@ -128,9 +129,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2048,4096,8192")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--samples", default=None,
+                    help="real slides too: files, a folder or a manifest with their mpp (e.g. data/sample_slides.csv)")
     ap.add_argument("--out", default="bench_out/bench_tiling.json")
     args = ap.parse_args()
-    out = run([int(s) for s in args.sizes.split(",") if s], args.runs)
+    out = run([int(s) for s in args.sizes.split(",") if s], args.runs, args.samples)
     report = {"benchmark": "tiling", "machine": machine(), **out}
     write_json(args.out, report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; results in {args.out}")

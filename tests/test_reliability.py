@@ -255,6 +255,13 @@ def test_stages_take_the_folder_encode_printed(cohort, tmp_path):
     r = cli("probe", tmp_path / "e.h5", "--labels", tmp_path / "labels.csv", "--baseline", out, "--folds", "2",
             "--out", tmp_path / "report")
     assert r.returncode == 0 and "mean-pool" in r.stdout, r.stderr
+    # a store and embeddings written into OUT itself do not hide OUT/features
+    beside = tmp_path / "out"
+    shutil.copytree(out / "features", beside / "features")
+    shutil.copy(tmp_path / "a.h5", beside / "store.h5")
+    shutil.copy(tmp_path / "e.h5", beside / "embeddings.h5")
+    r = cli("pack", beside, "--out", beside / "store2.h5")
+    assert r.returncode == 0 and "4 slides" in r.stdout and "skipped" not in r.stderr, r.stderr
     mixed = tmp_path / "mixed"
     shutil.copytree(out / "features", mixed)
     shutil.copy(cohort / "store.h5", mixed / "store.h5")
@@ -353,6 +360,13 @@ def test_truncated_feature_file_is_reported_by_pack_and_embed(cohort, tmp_path):
     assert f"skipped {feats / 's2.h5'}: " in r.stderr
     with h5py.File(tmp_path / "e.h5") as fh:
         assert sorted(v.decode() for v in fh["ids"][:]) == ["s0", "s1", "s3"]
+    # arrays damaged behind a readable header: embed names the file and leaves the slide out too
+    (feats / "s2.h5").write_bytes(data)
+    with h5py.File(feats / "s2.h5", "r+") as fh:
+        del fh["features"]
+    r = cli("embed", feats, "--checkpoint", cohort / "run" / "checkpoint_last.pt", "--out", tmp_path / "e2.h5",
+            "--views", "2")
+    assert r.returncode == 0 and f"skipped {feats / 's2.h5'}: cannot read features (missing)" in r.stderr, r.stderr
 
 
 # -- 9. concurrent tile runs ----------------------------------------------------------------------------

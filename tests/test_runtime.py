@@ -15,6 +15,8 @@ def test_launch_reads_torchrun_environment(monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     assert runtime.launch() == runtime.Launch(1, 0, 0)
+    monkeypatch.setenv("RANK", "3")  # left by a scheduler, without torchrun: not a launch
+    assert runtime.launch() == runtime.Launch(1, 0, 0)
     assert runtime.launch().per_rank("encode_summary.json") == "encode_summary.json"
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")

@@ -32,7 +32,7 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/build.l
   cp build/gpu/_core*.so python/gigassl_fast/
   ln -sfn ../../kernels python/gigassl_fast/kernels
   ln -sfn ../../benchmarks python/gigassl_fast/benchmarks
-  export PYTHONPATH=$PWD/python:$PYTHONPATH
+  export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -m gigassl_fast info
 

@@ -34,12 +34,16 @@ SETTINGS = {
 def run_bench(stages: list[str], quick: bool, out_dir: str, log=print, device: str = "auto") -> dict:
     """Runs the stage benchmarks; `device` (auto, cpu, cuda) is where both sides of encode, train and
     embed run (tiling is CPU code on both sides)."""
-    if "encode" in stages:
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("kornia") is None:
-            raise GigasslError("the encode benchmark's reference runs the original's kornia augmentations: "
-                               "pip install kornia (the dev extra has it: make install), or leave encode out of --stages")
+    # the references run what the original runs; these come with the dev extra (make install)
+    needs = {"encode": ("kornia", "the original's kornia augmentations"),
+             "tile": ("skimage", "the original's scikit-image Otsu threshold")}
+    for stage, (module, what) in needs.items():
+        if stage in stages and importlib.util.find_spec(module) is None:
+            raise GigasslError(f"the {stage} benchmark's reference runs {what}: pip install "
+                               f"{'scikit-image' if module == 'skimage' else module} (the dev extra has it: make "
+                               f"install), or leave {stage} out of --stages")
     from .benchmarks import bench_decode, bench_embed, bench_encode, bench_tiling, bench_train
     from .benchmarks.common import machine
 

@@ -191,7 +191,7 @@ def encode(slides, out_dir, encoder, weights, naug, nt, mpp, tile_size, min_tiss
     name = "encode_summary.json" if shard is None else f"encode_summary.shard{shard_spec[0]}of{shard_spec[1]}.json"
     name = launch().per_rank(name)
     summary = run_encode(entries, params, out_dir, reader=reader, overwrite=overwrite, summary_name=name,
-                         progress=_progress)
+                         progress=_progress, warn=lambda line: click.echo(line, err=True))
     click.echo(summary.table())
     tp = summary.config["throughput"]
     rates = ", ".join(f"{k.split('_')[0]} {v:,.0f} tiles/s" for k, v in tp.items() if k.endswith("per_s") and v)

@@ -61,8 +61,14 @@ def iter_slides(source: str, warn=print) -> Iterator[tuple[str, np.ndarray, np.n
             warn(f"skipped {err}")
             continue
         with fh:
-            if fh.complete:
-                yield fh.slide_id, fh.features().astype(np.float32), fh.coords(), fh.attrs
+            if not fh.complete:
+                continue
+            try:
+                feats, coords = fh.features().astype(np.float32), fh.coords()
+            except GigasslError as err:  # damaged arrays behind a readable header
+                warn(f"skipped {err}")
+                continue
+        yield fh.slide_id, feats, coords, fh.attrs
 
 
 def view_indices(n: int, p: EmbedParams, gen: torch.Generator) -> list[torch.Tensor]:
@@ -91,7 +97,7 @@ def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5
     backbone, ckpt = load_backbone(checkpoint, device)
     log(f"loaded {ckpt.describe()}")
     in_dim = ckpt.in_dim
-    sparse = ckpt.aggregator == "sparse-layer4"
+    per_view = backbone.per_view_inference
     ids, sums, counts, empty = [], [], [], []
     pending: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # view size -> (slide, feats, locs)
     encoder = None
@@ -103,7 +109,7 @@ def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5
         f = torch.stack([b[1] for b in batch]).to(device)
         loc = torch.stack([b[2] for b in batch]).to(device)
         with torch.inference_mode():
-            pooled = backbone(f, loc, per_view=True) if sparse else backbone(f, loc)
+            pooled = backbone(f, loc, per_view=True) if per_view else backbone(f, loc)
         for (slide, _, _), vec in zip(batch, pooled.float().cpu(), strict=True):
             sums[slide] += vec
             counts[slide] += 1

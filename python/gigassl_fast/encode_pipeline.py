@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -214,9 +214,9 @@ def _write(job: _Job, arrays: dict, attrs: dict, dropped: np.ndarray) -> SlideRe
 
 def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str, reader: str = "auto",
                overwrite: bool = False, summary_name: str = "encode_summary.json",
-               progress: ShowProgress | None = None) -> RunSummary:
+               progress: ShowProgress | None = None, warn: Callable[[str], None] | None = None) -> RunSummary:
     """Encodes a cohort; one bad slide is recorded and the run goes on. `progress` gets a line per slide,
-    from the writer thread once the slide's file is written.
+    from the writer thread once the slide's file is written; `warn`, decoding trials' warnings.
 
     A pipeline: a thread prepares the next slides (tiling when needed) and decodes their tiles, up to
     ``prefetch_mb`` of decoded tiles ahead, while this thread encodes; a writer thread writes each feature
@@ -225,7 +225,7 @@ def run_encode(entries: Sequence[SlideEntry], params: EncodeParams, out_dir: str
     entries = list(entries)[here.rank::here.world]  # under torchrun, each rank takes every world-th slide
     params.validate()
     enc = params.tile_encoder()
-    decoder = TileDecoder(enc.device, params.decode)
+    decoder = TileDecoder(enc.device, params.decode, warn)
     config = {"out": os.path.abspath(out_dir), "reader": reader, **asdict(params), "device": str(enc.device),
               "batch_size": params.resolved_batch_size(), "weights_checksum": enc.checksum}
     summary = RunSummary("encode", config)

@@ -54,7 +54,8 @@ def feature_folder(path: str) -> str:
     if not os.path.isdir(path):
         raise GigasslError(f"{path}: not a folder; give encode's output folder or its features/ subfolder")
     inner = os.path.join(path, "features")
-    if not glob.glob(os.path.join(path, "*.h5")) and os.path.isdir(inner):
+    # encode's --out folder may hold other .h5 files too (a store, embeddings): its features/ wins
+    if glob.glob(os.path.join(inner, "*.h5")):
         return inner
     return path
 

@@ -9,11 +9,13 @@ import functools
 import os
 import zlib
 from dataclasses import dataclass
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import GigasslError
+
+if TYPE_CHECKING:  # torch is imported where a device is needed: `info` must run with a broken torch
+    import numpy as np
+    import torch
 
 #: What --device accepts, for messages.
 DEVICES = "auto, cpu, cuda or cuda:N"
@@ -42,15 +44,18 @@ class Launch:
 
 def launch() -> Launch:
     """The torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK) of this process."""
-    values = {}
-    for key, default in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)):
+    def read(key: str, default: int) -> int:
         raw = os.environ.get(key, "")
         try:
-            values[key] = int(raw) if raw.strip() else default
+            return int(raw) if raw.strip() else default
         except ValueError:
             raise GigasslError(f"environment variable {key}={raw!r} is not a whole number; unset it or launch "
                                "with torchrun") from None
-    world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+
+    world = read("WORLD_SIZE", 1)
+    if world <= 1:  # RANK alone (e.g. left by a scheduler) does not make a launch
+        return Launch()
+    rank, local = read("RANK", 0), read("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world or local < 0:
         raise GigasslError(f"torchrun environment out of range (WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local})")
     return Launch(world, rank, local)
@@ -64,12 +69,16 @@ def init_distributed() -> Launch:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            import torch
+
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return here
 
 
 def check_device(name: str) -> str:
     """`name` if it is a device this machine has; a one-line GigasslError otherwise."""
+    import torch
+
     if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise GigasslError(f"--device must be {DEVICES} (got {name!r})")
     if name.startswith("cuda"):
@@ -83,6 +92,8 @@ def check_device(name: str) -> str:
 def resolve_device(name: str = "auto") -> torch.device:
     """The device `name` means here. ``auto``: this rank's GPU under torchrun (LOCAL_RANK), else the first
     GPU, else the CPU."""
+    import torch
+
     check_device(name)
     if name != "auto":
         return torch.device(name)
@@ -95,6 +106,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array as a tensor on `device`: the same memory on the CPU; to a GPU through pinned memory,
     without the host waiting for the copy."""
+    import numpy as np
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(array))
     return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 

@@ -39,6 +39,9 @@ class StoreFile(H5Reader):
         try:
             self.ids = read_strings(self.dataset("ids"))
             self.offsets = self.read("offsets")
+        except (OSError, KeyError) as err:
+            self.close()
+            raise self._damaged("ids", err) from None
         except GigasslError:
             self.close()
             raise

@@ -92,7 +92,7 @@ class TileGrid:
 
     @property
     def read_level(self) -> int:
-        """The pyramid level tiles are read from (the finest one at or below the target mpp)."""
+        """The pyramid level tiles are read from: the coarsest level at least as fine as the target mpp."""
         return int(self.attrs["read_level"])
 
     @property

@@ -14,6 +14,11 @@ class Aggregator(nn.Module):
     """What every registered aggregator shares: features (B, k, D) or ``StoreRows`` and locations
     (B, k, 2) -> (B, 512), built from a name and the tiles' feature dimension."""
 
+    #: Whether ``forward`` takes ``per_view=True``: each view computed as if it were alone in its batch
+    #: (an aggregator whose output depends on the batch, as sparse-layer4's spatial size does); ``embed``
+    #: then runs views of many slides together without changing any view's embedding.
+    per_view_inference = False
+
     @classmethod
     def build(cls, in_dim: int, resnet18_state: dict | None = None) -> Aggregator:
         """The aggregator on `in_dim`-d tile features; `resnet18_state` (a torchvision ResNet18 state dict)

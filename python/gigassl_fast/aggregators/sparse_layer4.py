@@ -93,6 +93,8 @@ class SparseConvMIL(Aggregator):
     compute what one would with the whole batch.
     """
 
+    per_view_inference = True
+
     def __init__(self, exact_cells: bool = False) -> None:
         super().__init__()
         self.block0 = _Block(IN_DIM, OUT_DIM, downsample=True)

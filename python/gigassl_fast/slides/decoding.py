@@ -11,7 +11,8 @@ subsampling, tile size); that path has not run on a GPU yet, so no automatic cho
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,11 +42,14 @@ class TileDecoder:
             the GPU for each kind of JPEG tile where it matches the CPU engine).
     """
 
-    def __init__(self, device: torch.device, mode: str = "auto") -> None:
+    def __init__(self, device: torch.device, mode: str = "auto", warn: Callable[[str], None] | None = None) -> None:
+        """`warn` receives the one-line warnings of decoding trials that fall back to the CPU (default:
+        stderr)."""
         from ..compute import cucim_gpu_decode
         from .gpu_jpeg import nvimgcodec_status
 
         self.device, self.mode = device, mode
+        self.warn = warn or (lambda line: print(line, file=sys.stderr))
         gpu_ok, why = cucim_gpu_decode()
         self.cucim_on_device = device.type == "cuda" and gpu_ok and mode != "cpu"
         self._checked = False
@@ -157,9 +161,7 @@ class TileDecoder:
                 return False
             self._nv_trials[lv.variant] = why
             if why:
-                import click
-
-                click.echo(f"warning: JPEG tiles decoded on the CPU: {why} on {slide.path}", err=True)
+                self.warn(f"warning: JPEG tiles decoded on the CPU: {why} on {slide.path}")
         return self._nv_trials[lv.variant] is None
 
     def _gpu_jpeg_trial(self, slide: Slide, xy: np.ndarray, level: int, size: int, workers: int) -> str | None:
@@ -215,9 +217,7 @@ class TileDecoder:
                 res = {"ok": False, "why": str(err)}
         if not res["ok"]:
             why = res.get("why") or f"GPU and CPU decoding differ by {res['mean_abs_diff']:.2f} grey levels on average"
-            import click
-
-            click.echo(f"warning: decoding on the CPU: {why} on {slide.path}", err=True)
+            self.warn(f"warning: decoding on the CPU: {why} on {slide.path}")
             self._cpu_from_now(f"{why} ({slide.path})")
             return
         gpu, cpu = res["gpu_tiles_per_s"], res["cpu_tiles_per_s"]
