@@ -52,8 +52,9 @@ def gather_linear_relu_twin(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor
 def segment_softmax_pool_twin(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
     """(S, C): for each segment [ptr[s], ptr[s+1]), softmax of its scores weighting the sum of its values
     (attention pooling of the tiles of each view)."""
-    seg = torch.repeat_interleave(torch.arange(len(ptr) - 1, device=ptr.device), ptr[1:] - ptr[:-1])
     n = len(ptr) - 1
+    # each row's segment by a search, not repeat_interleave(lengths): its output size would be read back
+    seg = torch.searchsorted(ptr, torch.arange(len(scores), device=ptr.device), right=True) - 1
     mx = torch.full((n,), float("-inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(
         0, seg, scores, reduce="amax")
     e = torch.exp(scores - mx[seg])
@@ -169,12 +170,16 @@ def tap_scatter(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torc
     return _TapScatter.apply(y, src, dst, tap, n_out) if use_triton(y) else tap_scatter_twin(y, src, dst, tap, n_out)
 
 
-def segment_softmax_pool_triton(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+def segment_softmax_pool_triton(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor,
+                                max_len: int | None = None) -> torch.Tensor:
+    """`max_len`, the longest segment, sizes the kernel; without it, it is read back from the device (a
+    host synchronisation): callers that know it (views of k tiles) pass it."""
     import triton
 
     n, c = len(ptr) - 1, values.shape[1]
     out = torch.empty(n, c, dtype=torch.float32, device=values.device)
-    max_len = int((ptr[1:] - ptr[:-1]).max().item()) if n else 1
+    if max_len is None:
+        max_len = int((ptr[1:] - ptr[:-1]).max().item()) if n else 1
     bc = 64
     _kernels()["segment_softmax_pool"][(n, triton.cdiv(c, bc))](
         scores.contiguous(), values.contiguous(), ptr.contiguous(), out, c, values.stride(0), out.stride(0),
@@ -184,9 +189,9 @@ def segment_softmax_pool_triton(scores: torch.Tensor, values: torch.Tensor, ptr:
 
 class _SegmentSoftmaxPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scores, values, ptr):
+    def forward(ctx, scores, values, ptr, max_len):
         ctx.save_for_backward(scores, values, ptr)
-        return segment_softmax_pool_triton(scores, values, ptr)
+        return segment_softmax_pool_triton(scores, values, ptr, max_len)
 
     @staticmethod
     def backward(ctx, grad):
@@ -195,7 +200,7 @@ class _SegmentSoftmaxPool(torch.autograd.Function):
             s, v = scores.detach().requires_grad_(True), values.detach().requires_grad_(True)
             out = segment_softmax_pool_twin(s, v, ptr)
             gs, gv = torch.autograd.grad(out, (s, v), grad)
-        return gs, gv, None
+        return gs, gv, None, None
 
 
 def gather_linear_relu(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -203,7 +208,9 @@ def gather_linear_relu(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: 
     return _GatherGemm.apply(x, rows, w, b, True) if use_triton(x) else gather_linear_relu_twin(x, rows, w, b)
 
 
-def segment_softmax_pool(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
-    """Attention pooling per segment: the Triton kernel where it runs, else the twin."""
-    return _SegmentSoftmaxPool.apply(scores, values, ptr) if use_triton(values) else \
+def segment_softmax_pool(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor,
+                         max_len: int | None = None) -> torch.Tensor:
+    """Attention pooling per segment: the Triton kernel where it runs, else the twin. `max_len`: the
+    longest segment, if the caller knows it (saves reading it back from the device)."""
+    return _SegmentSoftmaxPool.apply(scores, values, ptr, max_len) if use_triton(values) else \
         segment_softmax_pool_twin(scores, values, ptr)

@@ -194,14 +194,15 @@ def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Te
     # The loss in float32: at temperature 0.05 bf16 logits would lose the small similarity differences.
     z1, z2 = z1.float(), z2.float()
     loss = nt_xent(z1, z2, temperature)
-    if torch.isfinite(loss):
-        loss.backward()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+    # Backward whatever the loss: testing it here would make the host wait for the device. A non-finite
+    # loss leaves non-finite gradients, which the caller must not apply (train checks before its step).
+    loss.backward()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
     return loss.detach(), z1.detach()
 
 

@@ -31,4 +31,4 @@ class GatedAttentionMIL(Aggregator):
         h = gather_linear_relu(x.table, x.rows.reshape(-1), lin.weight.T, lin.bias)  # (B*k, dim)
         scores = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(1)  # (B*k,)
         ptr = torch.arange(0, b * k + 1, k, device=h.device)
-        return segment_softmax_pool(scores, h, ptr)
+        return segment_softmax_pool(scores, h, ptr, max_len=k)
