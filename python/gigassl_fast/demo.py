@@ -87,7 +87,7 @@ def run_demo(out_dir: str, sample_slides: str | None = None, quick: bool = False
     fitted = fit_pca(features, 256 if not quick else 16)
     save_pca(pca_file, fitted)
     echo(f"== pca: 1280 -> {fitted['components'].shape[0]}-d, explained variance "
-               f"{fitted['explained_variance_ratio'].sum():.2f}")
+         f"{fitted['explained_variance_ratio'].sum():.2f}")
     store = os.path.join(out_dir, "store.h5")
     info = pack(features, store, pca_file)
     echo(f"== pack: {info['slides']} slides, {info['tiles']} tiles -> {store}")
@@ -105,5 +105,5 @@ def run_demo(out_dir: str, sample_slides: str | None = None, quick: bool = False
                        warn=lambda m: None)
     echo(report["table"])
     echo(f"demo artefacts in {os.path.abspath(out_dir)}: slides/, tiles/, qc/, features/, store.h5, run/, "
-               f"embeddings.h5, report/ (probe.json, probe.md, roc.png)" + (", samples/" if sample_slides else ""))
+         f"embeddings.h5, report/ (probe.json, probe.md, roc.png)" + (", samples/" if sample_slides else ""))
     return 0

@@ -48,7 +48,6 @@ class _Job:
     hold: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the slide's lock and handle
     slide: Slide | None = None
     grid: TileGrid | None = None
-    coords: np.ndarray | None = None  # the grid's, less tiles left out for corrupt data
     attrs: dict = field(default_factory=dict)  # of its feature file
     decode: str = ""
 
@@ -101,7 +100,7 @@ def _prepare(entry: SlideEntry, params: EncodeParams, out_dir: str, enc: TileEnc
             job.release()
             return job
         grid = read_tile_file(tile_path(out_dir, entry.slide_id))
-        job.grid, job.coords, job.attrs = grid, grid.coords, {**grid.attrs, **key}
+        job.grid, job.attrs = grid, {**grid.attrs, **key}
         job.slide = job.hold.enter_context(Slide(entry.path, reader=reader, mpp=entry.mpp))
     except Exception as err:  # one slide must never stop the cohort
         job.record = job.settle("failed", message=_failure(entry, err))
@@ -139,7 +138,7 @@ def _decode_cohort(entries: Sequence[SlideEntry], params: EncodeParams, out_dir:
         level, read = job.grid.read_level, job.grid.read_tile_size
         try:
             t = time.perf_counter()
-            for item in decoder.batches(job.slide, job.coords, level, read, bs, params.workers):
+            for item in decoder.batches(job.slide, job.grid.coords, level, read, bs, params.workers):
                 timings["read"] += time.perf_counter() - t
                 yield item
                 t = time.perf_counter()
@@ -173,18 +172,19 @@ def _encode_job(job: _Job, items: Iterator, params: EncodeParams, enc: TileEncod
     batches = _job_batches(items)
     dropped = np.zeros((0, 2), np.int64)
     try:
-        arrays = encode_slide(job.grid.tile_size, job.coords, params, enc, job.entry.slide_id, batches, timings)
+        arrays = encode_slide(job.grid.tile_size, job.grid.coords, params, enc, job.entry.slide_id, batches, timings)
     except CorruptTilesError as err:
         if params.on_corrupt_tile != "skip":
             raise GigasslError(f"{err}; pass --on-corrupt-tile skip to drop such tiles") from None
         # every corrupt tile of the slide is named at once, so one more pass without them
         dropped = np.array(sorted(set(err.positions)), np.int64).reshape(-1, 2)
-        keep = ~(job.coords[:, None, :] == dropped[None]).all(-1).any(1)
+        coords = job.grid.coords
+        keep = ~(coords[:, None, :] == dropped[None]).all(-1).any(1)
         if not keep.any():
             raise GigasslError(f"{err}; every tile of the slide is corrupt") from None
-        again = decoder.batches(job.slide, job.coords[keep], job.grid.read_level, job.grid.read_tile_size,
+        again = decoder.batches(job.slide, coords[keep], job.grid.read_level, job.grid.read_tile_size,
                                 params.resolved_batch_size(), params.workers)
-        arrays = encode_slide(job.grid.tile_size, job.coords[keep], params, enc, job.entry.slide_id, again, timings)
+        arrays = encode_slide(job.grid.tile_size, coords[keep], params, enc, job.entry.slide_id, again, timings)
     except Exception:
         for _ in batches:  # an error mid-slide: skip the rest of its batches (not on an interrupt)
             pass

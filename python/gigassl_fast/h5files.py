@@ -37,8 +37,12 @@ def open_h5(path: str | os.PathLike, what: str, fix: str) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        cause = str(err).split("(")[0].strip().rstrip(",") or type(err).__name__
-        raise GigasslError(f"{path}: not a readable {what}, truncated or damaged ({cause}); {fix}") from None
+        raise GigasslError(f"{path}: not a readable {what}, truncated or damaged ({_cause(err)}); {fix}") from None
+
+
+def _cause(err: BaseException) -> str:
+    """h5py's error in a few words: its message before the parenthesised detail."""
+    return str(err).split("(")[0].strip().strip("'\"").rstrip(",") or type(err).__name__
 
 
 class H5Reader:
@@ -93,10 +97,7 @@ class H5Reader:
             raise self._damaged(name, err) from None
 
     def _damaged(self, name: str, err: BaseException) -> GigasslError:
-        if isinstance(err, KeyError):  # h5py's word for a dataset that is not there
-            cause = "missing"
-        else:
-            cause = str(err).split("(")[0].strip().strip("'\"").rstrip(",") or type(err).__name__
+        cause = "missing" if isinstance(err, KeyError) else _cause(err)  # KeyError: no such dataset
         return GigasslError(f"{self.path}: cannot read {name} ({cause}); {self.redo}, or move the file away")
 
 

@@ -56,7 +56,7 @@ def launch() -> Launch:
     if world <= 1:  # RANK alone (e.g. left by a scheduler) does not make a launch
         return Launch()
     rank, local = read("RANK", 0), read("LOCAL_RANK", 0)
-    if world < 1 or not 0 <= rank < world or local < 0:
+    if not 0 <= rank < world or local < 0:
         raise GigasslError(f"torchrun environment out of range (WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local})")
     return Launch(world, rank, local)
 

@@ -178,6 +178,12 @@ def read_tile_file(path: str) -> TileGrid:
         raise GigasslError(f"{path}: not a readable tile file ({err}); delete it and run `gigassl-fast tile` again") from None
 
 
+def tile_count(path: str) -> int:
+    """The number of tiles of a complete tile file, without reading its arrays."""
+    with h5py.File(path, "r") as fh:
+        return int(fh["coords"].shape[0])
+
+
 def reuse_key(entry: SlideEntry, params: TileParams) -> dict:
     """Attributes a finished tile file must carry to be reused for `entry` with `params`."""
     path = os.path.abspath(entry.path)
@@ -204,8 +210,7 @@ def tile_one(entry: SlideEntry, params: TileParams, out_dir: str, reader: str = 
     def up_to_date() -> SlideRecord | None:
         if overwrite or not (os.path.exists(path) and is_complete(path, key)):
             return None
-        n = len(read_tile_file(path).coords)
-        return SlideRecord(entry.slide_id, entry.path, "skipped", n, time.time() - start, "up to date")
+        return SlideRecord(entry.slide_id, entry.path, "skipped", tile_count(path), time.time() - start, "up to date")
 
     if (record := up_to_date()) is not None:
         return record
@@ -242,10 +247,10 @@ def run_tile(entries: Sequence[SlideEntry], params: TileParams, out_dir: str, re
     """Tiles a cohort; one bad slide is recorded and the run goes on. `progress` gets a line per slide."""
     params.validate()
     summary = RunSummary("tile", {"out": os.path.abspath(out_dir), "reader": reader, **asdict(params)})
-    progress = Progress(len(entries), "tile", progress)
+    shown = Progress(len(entries), "tile", progress)
     for entry in entries:
         record = tile_one(entry, params, out_dir, reader, overwrite, qc)
         summary.add(record)
-        progress.update(record)
+        shown.update(record)
     summary.write_json(os.path.join(out_dir, summary_name))
     return summary
