@@ -7,6 +7,7 @@ namespace gigassl {
 void init_tissue_mask(py::module_& m);
 void init_tile_grid(py::module_& m);
 void init_sparse_rules(py::module_& m);
+void init_sparse_plan(py::module_& m);
 }  // namespace gigassl
 
 PYBIND11_MODULE(_core, m) {
@@ -14,6 +15,7 @@ PYBIND11_MODULE(_core, m) {
   gigassl::init_tissue_mask(m);
   gigassl::init_tile_grid(m);
   gigassl::init_sparse_rules(m);
+  gigassl::init_sparse_plan(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else
