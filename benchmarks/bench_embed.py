@@ -27,6 +27,7 @@ from gigassl_fast import SparseConvMIL
 from gigassl_fast.augment import PARAM_COLUMNS
 from gigassl_fast.embed import EmbedParams, iter_slides, view_indices
 from gigassl_fast.features import write_features
+from gigassl_fast.step_inputs import place
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +74,8 @@ def run(cfg: Settings) -> dict:
         out = []
         with torch.inference_mode():
             for start in range(0, len(f_all), params.batch_views):
-                out.append(model(f_all[start:start + params.batch_views].to(dev),
-                                 l_all[start:start + params.batch_views].to(dev), per_view=True).float().cpu())
+                where = model.plan(l_all[start:start + params.batch_views], per_view=True, pad=dev.type == "cuda")
+                out.append(model(f_all[start:start + params.batch_views].to(dev), place(where, dev)).float().cpu())
         pooled = torch.cat(out)
         return torch.zeros(s, pooled.shape[1]).index_add(0, torch.tensor(owner), pooled) / v
 

@@ -7,7 +7,8 @@ Reference: the original's step as it costs: per-sample .npy loads of Nt x 256 fl
 DataLoader (the config's 10 workers, capped by the cores), per-view torch coordinate augmentation,
 SparseConvNet-equivalent layer4 with its CPU rulebooks and batch norm over active sites, per-view Python
 pooling, the original NT-Xent with its broadcast (2N, 2N, D) similarities, Adam. Ours: the packed store
-in memory, batched view sampling, tensor rulebooks, gather-GEMMs, the same model and loss maths.
+in memory, batched view sampling, the sparse plan made on the host in C++, gather-GEMMs, the same
+model and loss maths.
 
 Reports views/s (two views per slide) both sides per batch size (median of --runs steps after warm-up),
 the reference's data wait, and the arithmetic: the step's matrix-product GFLOP (sparse layer4 and
@@ -39,7 +40,9 @@ from gigassl_fast.benchmarks.reference.train import (
 )
 
 from gigassl_fast.runtime import train_precision
-from gigassl_fast.train import build_model, contrastive_step
+from gigassl_fast.step_inputs import prepare_step
+from gigassl_fast.train import build_model
+from gigassl_fast.train_step import EagerStep
 from gigassl_fast.views import view_pair
 
 
@@ -108,6 +111,7 @@ def run(cfg: Settings) -> dict:
     feats, coords = synthetic_store(s, naug, nt)
     root = reference_store(cfg.workdir or "/tmp/gigassl_bench_train", feats, coords)
     store_f, store_xy = torch.from_numpy(feats).to(dev), torch.from_numpy(coords).to(dev)
+    store_xy_host = torch.from_numpy(coords)
     rates = matmul_rates(dev)
     rows, per_size = [], {}
     for b in sizes:
@@ -122,12 +126,12 @@ def run(cfg: Settings) -> dict:
             v1, v2 = view_pair(store_f, store_xy, torch.randint(0, s, (b,), generator=count_gen), 5, count_gen, dev)
             flops.append(step_gflop(v1[1]) + step_gflop(v2[1]))
 
-        def ours(b=b, gen=gen, opt=opt, model=model, bf16=bf16):
+        step = EagerStep(model, opt, 0.05, bf16)
+
+        def ours(b=b, gen=gen, step=step, model=model):  # as the train loop: host plan, one copy, the step
             batch = torch.randint(0, s, (b,), generator=gen)
-            v1, v2 = view_pair(store_f, store_xy, batch, 5, gen, dev)
-            opt.zero_grad(set_to_none=True)
-            contrastive_step(model, v1, v2, 0.05, bf16)
-            opt.step()
+            step(prepare_step(store_f, store_xy_host, batch, 5, gen, dev, model.backbone, pad=dev.type == "cuda"),
+                 1e-4)[0].item()
 
         t_ours = time_runs(ours, runs=cfg.runs, warmup=1)
         gflop = statistics.median(flops)

@@ -6,11 +6,13 @@ import triton.language as tl
 
 
 @triton.jit
-def gather_gemm_kernel(x_ptr, rows_ptr, w_ptr, y_ptr, bias_ptr, m, n, k, stride_x, stride_w, stride_y,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       IEEE: tl.constexpr, BIAS: tl.constexpr, RELU: tl.constexpr):
+def gather_gemm_kernel(x_ptr, rows_ptr, w_ptr, y_ptr, bias_ptr, block_tap_ptr, m, n, k, stride_x, stride_w,
+                       stride_y, stride_wt, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr, BIAS: tl.constexpr, RELU: tl.constexpr, GROUPED: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if GROUPED:  # each BLOCK_M block of rows has its own weight matrix (its tap): w_ptr is (taps, k, n)
+        w_ptr += tl.load(block_tap_ptr + pid_m).to(tl.int64) * stride_wt
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.load(rows_ptr + offs_m, mask=offs_m < m, other=0).to(tl.int64)

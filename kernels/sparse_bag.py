@@ -8,6 +8,11 @@ copy in memory.
 3x3 convolution once the dense GEMM is done. Pairs are grouped by output site (CSR), so each output is
 summed by one program in a fixed order: deterministic, no atomics.
 
+``tap_gemm`` and ``csr_sum``: the same two steps with every index planned on the host beforehand
+(aggregators/sparse_plan.py): rule pairs grouped by tap in blocks of GROUP rows, one weight per block,
+and the CSR order of the sums given rather than sorted on the device. Their shapes are the plan's padded
+sizes, so a training step reads nothing back and can be captured in a CUDA graph.
+
 The twins define what the kernels compute and are the CPU path; autograd goes through custom
 Functions whose backward passes are torch ops.
 """
@@ -22,6 +27,9 @@ import torch
 from .availability import use_triton
 
 _EXACT_DOTS = False
+
+#: Rows per block of the gather-GEMM kernel, and so the granule of a planned tap group (one weight per block).
+GROUP = 64
 
 
 @contextlib.contextmanager
@@ -70,7 +78,24 @@ def tap_scatter_twin(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap:
     return out.index_add_(0, dst, y[src, tap])
 
 
+def tap_gemm_twin(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, block_tap: torch.Tensor) -> torch.Tensor:
+    """float32 (len(rows), N): row block i (GROUP rows) is x[rows of block i] @ w[block_tap[i]]; w is
+    (taps, K, N). One batched product over the blocks, so its shapes do not depend on the data."""
+    blocks = len(block_tap)
+    a = x[rows].float().view(blocks, GROUP, x.shape[1])
+    return torch.bmm(a, w.float()[block_tap]).view(len(rows), w.shape[-1])
+
+
+def csr_sum_twin(y: torch.Tensor, perm: torch.Tensor, ptr: torch.Tensor, seg: torch.Tensor, n_out: int) -> torch.Tensor:
+    """(n_out, C): out[o] = sum of y[perm[j]] for j in [ptr[o], ptr[o+1]); `seg[j]` is the output of entry
+    j, and entries from ptr[-1] on are padding (left out)."""
+    live = (torch.arange(len(perm), device=perm.device) < ptr[-1]).to(y.dtype)
+    out = torch.zeros(n_out, y.shape[1], dtype=y.dtype, device=y.device)
+    return out.index_add_(0, seg, y[perm] * live[:, None])
+
+
 # -------------------------------------------------------------------------------------------- kernels
+
 
 def _kernels():
     from . import _sparse_bag_triton
@@ -80,17 +105,21 @@ def _kernels():
 
 
 def gather_gemm_triton(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ieee: bool = False,
-                       bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+                       bias: torch.Tensor | None = None, relu: bool = False,
+                       block_tap: torch.Tensor | None = None) -> torch.Tensor:
+    """`block_tap` given: `w` is (taps, K, N) and rows block i (of GROUP rows) uses w[block_tap[i]]."""
     import triton
 
-    m, k, n = rows.shape[0], x.shape[1], w.shape[1]
+    m, k, n = rows.shape[0], x.shape[1], w.shape[-1]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     x, w, rows = x.contiguous(), w.contiguous(), rows.contiguous()
-    bm, bn, bk = 64, 128, 32
+    bm, bn, bk = GROUP, 128, 32
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _kernels()["gather_gemm"][grid](x, rows, w, y, bias if bias is not None else y, m, n, k, x.stride(0), w.stride(0),
-                                    y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee,
-                                    BIAS=bias is not None, RELU=relu)
+    _kernels()["gather_gemm"][grid](x, rows, w, y, bias if bias is not None else y,
+                                    block_tap if block_tap is not None else rows, m, n, k, x.stride(0),
+                                    w.stride(-2), y.stride(0), w.stride(0) if block_tap is not None else 0,
+                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, BIAS=bias is not None,
+                                    RELU=relu, GROUPED=block_tap is not None)
     return y
 
 
@@ -105,17 +134,23 @@ def _csr(dst: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor, int
 
 def tap_scatter_triton(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
                        n_out: int) -> torch.Tensor:
+    order, ptr, max_pairs = _csr(dst, n_out)
+    return _scatter_csr_triton(y, ptr, src[order], tap[order], n_out, max_pairs)
+
+
+def _scatter_csr_triton(y: torch.Tensor, ptr: torch.Tensor, src: torch.Tensor, tap: torch.Tensor, n_out: int,
+                        max_pairs: int) -> torch.Tensor:
+    """out[o] = sum of y[src[j], tap[j]] for j in [ptr[o], ptr[o+1]): pairs already grouped by output."""
     import triton
 
     y = y.contiguous()
     c = y.shape[2]
-    order, ptr, max_pairs = _csr(dst, n_out)
     out = torch.empty(n_out, c, dtype=torch.float32, device=y.device)
     if n_out == 0:
         return out
     bo, bc = 32, 128
     grid = (triton.cdiv(n_out, bo), triton.cdiv(c, bc))
-    _kernels()["tap_scatter"][grid](y, ptr, src[order].contiguous(), tap[order].contiguous(), out, n_out, c,
+    _kernels()["tap_scatter"][grid](y, ptr, src.contiguous(), tap.contiguous(), out, n_out, c,
                                     y.stride(0), y.stride(1), out.stride(0),
                                     MAX_PAIRS=triton.next_power_of_2(max(max_pairs, 1)), BLOCK_O=bo, BLOCK_C=bc)
     return out.to(y.dtype)
@@ -158,6 +193,65 @@ class _TapScatter(torch.autograd.Function):
         gy = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
         gy.index_put_((src, tap), grad[dst], accumulate=True)
         return gy, None, None, None, None
+
+
+class _TapGemm(torch.autograd.Function):
+    """The grouped gather-GEMM (one weight per block of GROUP rows) by the kernel; backward: the input
+    gradient by the same kernel on the transposed weights, the weight gradient per block (batched) and
+    summed per tap. Every shape is fixed by the plan's padded sizes, none by the data."""
+
+    @staticmethod
+    def forward(ctx, x, rows, w, block_tap):
+        ctx.save_for_backward(x, rows, w, block_tap)
+        return gather_gemm_triton(x, rows, w, ieee=_EXACT_DOTS, block_tap=block_tap)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rows, w, block_tap = ctx.saved_tensors
+        g = grad.float().contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            per_row = gather_gemm_triton(g, torch.arange(len(rows), device=g.device), w.float().transpose(1, 2),
+                                         ieee=_EXACT_DOTS, block_tap=block_tap)
+            gx = torch.zeros_like(x, dtype=torch.float32).index_add_(0, rows, per_row).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            blocks = len(block_tap)
+            a = x[rows].float().view(blocks, GROUP, x.shape[1])
+            partial = torch.bmm(a.transpose(1, 2), g.view(blocks, GROUP, g.shape[1]))
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device).index_add_(0, block_tap, partial)
+            gw = gw.to(w.dtype)
+        return gx, None, gw, None
+
+
+class _CsrSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, perm, ptr, seg, n_out, max_len):
+        ctx.save_for_backward(perm, ptr, seg)
+        ctx.rows = len(y)
+        return _scatter_csr_triton(y[:, None, :], ptr, perm, torch.zeros_like(perm), n_out, max_len)
+
+    @staticmethod
+    def backward(ctx, grad):
+        perm, ptr, seg = ctx.saved_tensors
+        live = (torch.arange(len(perm), device=perm.device) < ptr[-1]).to(grad.dtype)
+        # perm is a permutation of the rows (padding included): each row receives exactly one gradient
+        gy = torch.zeros(ctx.rows, grad.shape[1], dtype=grad.dtype, device=grad.device)
+        return gy.index_copy_(0, perm, grad[seg] * live[:, None]), None, None, None, None, None
+
+
+def tap_gemm(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, block_tap: torch.Tensor) -> torch.Tensor:
+    """float32 (len(rows), N): x[rows] @ w[tap of the row's block] (blocks of GROUP rows), the weights w
+    (taps, K, N): the grouped Triton kernel where it runs, else the twin."""
+    return _TapGemm.apply(x, rows, w, block_tap) if use_triton(x) else tap_gemm_twin(x, rows, w, block_tap)
+
+
+def csr_sum(y: torch.Tensor, perm: torch.Tensor, ptr: torch.Tensor, seg: torch.Tensor, n_out: int,
+            max_len: int) -> torch.Tensor:
+    """(n_out, C): the rows of `y` summed per output in CSR order (see ``csr_sum_twin``); `max_len` bounds
+    the entries of one output (it sizes the kernel: given by the caller, never read back)."""
+    if use_triton(y):
+        return _CsrSum.apply(y, perm, ptr, seg, n_out, max_len)
+    return csr_sum_twin(y, perm, ptr, seg, n_out)
 
 
 def gather_gemm(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

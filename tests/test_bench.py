@@ -243,3 +243,19 @@ def test_bench_quick_report(tmp_path):
     _bench_report(tmp_path, ["tile", "embed"])
     r = subprocess.run([sys.executable, "-m", "gigassl_fast", "bench", "--stages", "tiles"], capture_output=True, text=True)
     assert r.returncode == 2 and "--stages" in r.stderr
+
+
+def test_bench_step_runs_and_reports_host_index_time(tmp_path):
+    """benchmarks/bench_step.py end to end at a toy size: the host plan's time against the tensor-op
+    rulebook's, and an eager step per aggregator with its views/s."""
+    from gigassl_fast.benchmarks import bench_step
+
+    out = bench_step.run(bench_step.Settings(batch_sizes=(8,), aggregators=("mlp", "sparse-layer4"), runs=1,
+                                             device="cpu", slides=16))
+    row = out["results"][0]
+    host = row["host_index_ms"]
+    assert {"plan_cpp_exact", "plan_cpp_padded", "rulebook_tensor_ops", "prepare_step"} <= set(host)
+    assert all(host[k]["median_ms"] > 0 for k in ("plan_cpp_exact", "rulebook_tensor_ops"))
+    assert host["padded_shapes"]["sites"][1] > host["padded_shapes"]["sites"][0]
+    assert set(row["steps"]) == {"mlp/eager", "sparse-layer4/eager"}
+    assert all(r["views_per_s"] > 0 for r in row["steps"].values())

@@ -147,8 +147,8 @@ def test_abmil_uses_the_kernels_and_matches_plain_torch():
     assert _rel(out, (a * h).sum(dim=1)) < 1e-3  # tf32 dot in the kernel
 
 
-@pytest.mark.parametrize("name", list_aggregators())
-def test_whole_aggregator_kernel_path_matches_twin_path(name):
+@pytest.mark.parametrize("name,pad", [(n, False) for n in list_aggregators()] + [("sparse-layer4", True)])
+def test_whole_aggregator_kernel_path_matches_twin_path(name, pad):
     """Each aggregator's kernel path (views read in place from the store) against its twin path, outputs
     and the gradients of every parameter, compared as one vector (biases just before a batch norm have a
     true gradient of zero, so per-parameter ratios would compare noise)."""
@@ -166,8 +166,11 @@ def test_whole_aggregator_kernel_path_matches_twin_path(name):
     torch.manual_seed(0)
     agg = build_aggregator(name, 256).to(_dev()).train()
 
+    where = agg.plan(locs.cpu(), pad=pad)  # pad: the static buckets a GPU uses (grouped tap GEMMs)
+    where = where.with_index({k: v.to(_dev()) for k, v in where.index.items()}) if pad else locs
+
     def run():
-        out = agg(StoreRows(table, rows), locs)
+        out = agg(StoreRows(table, rows), where)
         grads = torch.autograd.grad((out * r).sum(), list(agg.parameters()))
         return out, torch.cat([t.flatten() for t in grads])
 
@@ -221,27 +224,69 @@ class NoHostSync(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("path", ["kernels", "twins"])
-@pytest.mark.parametrize("name", ["mlp", "abmil"])
+@pytest.mark.parametrize("name", list_aggregators())
 def test_training_step_reads_nothing_back_from_the_device(name, path):
-    """A training step (two forwards, NT-Xent, backward) of the non-spatial aggregators makes no host
-    synchronisation, on the kernel path (interpreted here) and the twin path. sparse-layer4 still does
-    (rulebook tap bounds read back, issue 16): not covered yet."""
+    """A training step (two forwards, NT-Xent, backward) makes no host synchronisation once its inputs are
+    prepared (``prepare_step``: store rows and, for sparse-layer4, the host plan padded to buckets as on
+    a GPU), on the kernel path (interpreted here) and the twin path, for every aggregator."""
+    import contextlib
+
     from gigassl_fast.kernels.availability import twins_only
 
     from gigassl_fast.aggregators import build_aggregator
     from gigassl_fast.ssl import SimCLRMIL
+    from gigassl_fast.step_inputs import prepare_step
     from gigassl_fast.train import contrastive_step
-    from gigassl_fast.views import StoreRows
 
     g = torch.Generator().manual_seed(3)
-    table = torch.rand(200, 256, generator=g).half().to(_dev())
-    views = [(StoreRows(table, torch.randint(0, 200, (6, 5), generator=g).to(_dev())),
-              torch.randint(0, 5, (6, 5, 2), generator=g).to(_dev()) * 224) for _ in range(2)]
+    store = torch.rand(4, 2, 20, 256, generator=g).half().to(_dev())
+    coords = torch.randint(0, 4, (4, 2, 20, 2), generator=g) * 224
     torch.manual_seed(0)
     model = SimCLRMIL(build_aggregator(name, 256)).to(_dev()).train()
-    import contextlib
-
+    inputs = prepare_step(store, coords, torch.tensor([0, 1, 3]), 2, g, _dev(), model.backbone, pad=True)
     with twins_only() if path == "twins" else contextlib.nullcontext(), NoHostSync():
-        loss, _ = contrastive_step(model, views[0], views[1], 0.05)
+        loss, _ = contrastive_step(model, *inputs.views, 0.05)
     grads = [p.grad for p in model.parameters()]
     assert all(gr is not None for gr in grads) and loss.dim() == 0
+
+
+def test_no_host_sync_mode_catches_rulebooks_made_on_the_device():
+    """The mode is a real check: the rulebook made with tensor ops where the data lives (what a GPU step
+    did before the host plan: nonzero and unique, sized by the data) trips it."""
+    from gigassl_fast.aggregators import rulebook as rb
+
+    cells = torch.randint(0, 4, (3, 4, 2)).to(_dev())
+    with pytest.raises(HostSync), NoHostSync():
+        rb.build_rules(cells, rb.spatial_size(cells))
+
+
+def test_planned_tap_gemm_and_csr_sum_match_their_twins():
+    """The grouped gather-GEMM (a weight per block of GROUP rows) and the CSR sum with given order and
+    bounds, forward and backward, against their twins on a real padded plan."""
+    from gigassl_fast.kernels.availability import twins_only
+    from gigassl_fast.kernels.sparse_bag import csr_sum, exact_dots, tap_gemm
+
+    from gigassl_fast.aggregators.sparse_plan import plan_cells
+
+    g = torch.Generator().manual_seed(8)
+    plan = plan_cells(torch.randint(0, 6, (5, 6, 2), generator=g), pad=True)
+    ix = {k: v.to(_dev()) for k, v in plan.index.items()}
+    x = torch.randn(plan.n_sites_pad, 32, generator=g).to(_dev())
+    w = torch.randn(9, 32, 24, generator=g).to(_dev())
+    cot = torch.randn(plan.n_sites_pad, 24, generator=g).to(_dev())
+
+    def run():
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = tap_gemm(xs, ix["sub_src"], ws, ix["sub_block_tap"])
+        out = csr_sum(y, ix["sub_perm"], ix["sub_ptr"], ix["sub_seg"], plan.n_sites_pad, plan.sub_max)
+        gx, gw = torch.autograd.grad((out * cot).sum(), (xs, ws))
+        return out, gx, gw
+
+    with exact_dots():
+        kern = run()
+    with twins_only():
+        twin = run()
+    for a, b in zip(kern, twin, strict=True):
+        assert _rel(a, b) < 1e-5
+    # padding rows receive nothing, real rows do
+    assert kern[0][plan.n_sites:].abs().max() == 0 and kern[0][:plan.n_sites].abs().max() > 0

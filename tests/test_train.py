@@ -12,7 +12,7 @@ from gigassl_fast.errors import GigasslError
 from gigassl_fast.pack import pack
 from gigassl_fast.ssl import nt_xent
 from gigassl_fast.store import Store
-from gigassl_fast.train import TrainParams, learning_rate
+from gigassl_fast.train import TrainParams, build_model, learning_rate
 from gigassl_fast.views import StoreRows, apply_spatial, augmentation_matrix, sample_views, spatial_augment
 
 
@@ -184,3 +184,37 @@ def test_train_bad_inputs(store, tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"junk")
     r = cli("train", tmp_path / "junk.h5", "--out", tmp_path / "c")
     assert r.returncode == 2 and "not a readable store" in r.stderr
+
+
+def test_bucketed_step_equals_the_exact_step():
+    """The step a GPU runs (plans padded to static buckets, masked batch norm) computes what the exact
+    step does: loss, every gradient and the batch-norm running statistics, to float32 rounding; and the
+    buckets really pad (padding rows and pairs exist)."""
+    from gigassl_fast.step_inputs import prepare_step
+    from gigassl_fast.train import contrastive_step
+
+    g = torch.Generator().manual_seed(0)
+    store = torch.rand(10, 3, 30, 256, generator=g).half()
+    coords = torch.randint(0, 8, (10, 3, 30, 2), generator=g) * 224 + torch.randint(0, 100, (10, 3, 30, 2), generator=g)
+    results = {}
+    for pad in (False, True):
+        torch.manual_seed(0)
+        model = build_model("sparse-layer4", 256).train()
+        inputs = prepare_step(store, coords, torch.arange(6), 5, torch.Generator().manual_seed(1), torch.device("cpu"),
+                              model.backbone, pad=pad)
+        loss, _ = contrastive_step(model, *inputs.views, 0.05)
+        results[pad] = (loss, torch.cat([p.grad.flatten() for p in model.parameters()]),
+                        torch.cat([b.float().flatten() for b in model.buffers()]), inputs.views[0][1])
+    exact, padded = results[False], results[True]
+    assert padded[3].n_sites_pad > padded[3].n_sites == exact[3].n_sites
+    assert len(padded[3].index["sub_src"]) > len(exact[3].index["sub_src"])
+    assert abs(exact[0].item() - padded[0].item()) < 1e-5
+    # gradients pass through T = 0.05 and batch norm: float32 rounding grows there
+    for (a, b), tol in zip(zip(exact[1:3], padded[1:3], strict=True), (1e-4, 1e-5), strict=True):
+        assert ((a - b).norm() / a.norm()).item() < tol
+
+
+def test_cuda_graphs_need_a_gpu(store, tmp_path):
+    r = cli("train", store / "store.h5", "--out", tmp_path / "g", "--batch-size", 4, "--epochs", 1, "--cuda-graphs",
+            "--device", "cpu")
+    assert r.returncode == 2 and "--cuda-graphs needs a CUDA device" in r.stderr and "Traceback" not in r.stderr

@@ -15,7 +15,8 @@ import itertools
 import sys
 
 GATHER_GEMM = {"x_ptr": "*fp16", "rows_ptr": "*i64", "w_ptr": "*fp32", "y_ptr": "*fp32", "bias_ptr": "*fp32",
-               "m": "i32", "n": "i32", "k": "i32", "stride_x": "i32", "stride_w": "i32", "stride_y": "i32"}
+               "block_tap_ptr": "*i64", "m": "i32", "n": "i32", "k": "i32", "stride_x": "i32", "stride_w": "i32",
+               "stride_y": "i32", "stride_wt": "i32"}
 TAP_SCATTER = {"y_ptr": "*fp32", "ptr_ptr": "*i64", "src_ptr": "*i64", "tap_ptr": "*i64", "out_ptr": "*fp32",
                "n_out": "i32", "c": "i32", "stride_y_row": "i32", "stride_y_tap": "i32", "stride_out": "i32"}
 SEGMENT_POOL = {"score_ptr": "*fp32", "value_ptr": "*fp32", "ptr_ptr": "*i64", "out_ptr": "*fp32", "c": "i32",
@@ -26,8 +27,13 @@ def variants():
     """(name, kernel attribute, signature, constexprs), as sparse_bag.py launches them."""
     for x, ieee, fused in itertools.product(("*fp16", "*bf16", "*fp32"), (False, True), (False, True)):
         yield (f"gather_gemm x={x[1:]} ieee={ieee} bias+relu={fused}", "gather_gemm_kernel", {**GATHER_GEMM, "x_ptr": x},
-               {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "IEEE": ieee, "BIAS": fused, "RELU": fused})
-    for y, pairs in itertools.product(("*fp32", "*fp16"), (1, 4, 16)):
+               {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "IEEE": ieee, "BIAS": fused, "RELU": fused,
+                "GROUPED": False})
+    for x, ieee in itertools.product(("*fp16", "*bf16", "*fp32"), (False, True)):  # the planned tap GEMMs
+        yield (f"gather_gemm grouped x={x[1:]} ieee={ieee}", "gather_gemm_kernel", {**GATHER_GEMM, "x_ptr": x},
+               {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "IEEE": ieee, "BIAS": False, "RELU": False,
+                "GROUPED": True})
+    for y, pairs in itertools.product(("*fp32", "*fp16"), (1, 4, 16, 64)):
         yield (f"tap_scatter y={y[1:]} max_pairs={pairs}", "tap_scatter_kernel", {**TAP_SCATTER, "y_ptr": y},
                {"MAX_PAIRS": pairs, "BLOCK_O": 32, "BLOCK_C": 128})
     for length in (2, 8, 64):

@@ -270,9 +270,12 @@ def pack_cmd(features_dir, out_file, pca) -> None:
                    "original).")
 @click.option("--stop-at-epoch", type=click.IntRange(min=1), default=None,
               help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="One CUDA GPU, one process: capture each step (forwards, loss, backward, Adam) once per shape "
+                   "bucket and replay it. Opt-in: not yet measured on a GPU.")
 def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, base_lr, warmup_epochs, weight_decay,
               resnet18_weights, init, checkpoint_every, sync_bn, device, precision, seed, resume, force_resume,
-              stop_at_epoch) -> None:
+              stop_at_epoch, cuda_graphs) -> None:
     """Slide-level SimCLR on a packed STORE (from `pack`); one process per GPU under torchrun."""
     import torch.distributed as dist
 
@@ -287,7 +290,7 @@ def train_cmd(store, out_dir, aggregator, epochs, batch_size, tiles_per_view, ba
     params = TrainParams(aggregator=aggregator, epochs=epochs, batch_size=batch_size, tiles_per_view=tiles_per_view,
                          base_lr=base_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed,
                          checkpoint_every=checkpoint_every, resnet18_weights=resnet18_weights, init=init, sync_bn=sync_bn,
-                         device=device, stop_at_epoch=stop_at_epoch, precision=precision)
+                         device=device, stop_at_epoch=stop_at_epoch, precision=precision, cuda_graphs=cuda_graphs)
     result = train(store, out_dir, params, resume=resume, force_resume=force_resume, log=lambda m: click.echo(m, err=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
         click.echo(f"{result['steps']} steps, last loss {result['last_loss']:.4f}; checkpoint {result['checkpoint']}")

@@ -61,6 +61,37 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return y * self.weight + self.bias if self.affine else y
 
 
+def batch_norm_rows(bn: nn.BatchNorm1d, x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """`bn` over (N, C) rows of which only those with live = 1 are data (the rest pad a static shape):
+    in training, the statistics, and the running statistics' update, are those of the live rows alone,
+    over every process for a GlobalBatchNorm1d under torch.distributed; in eval, `bn` itself. The count
+    stays on the device: nothing is read back."""
+    if not bn.training:
+        return bn(x)
+    c = x.shape[1]
+    xf, w = x.float(), live.to(torch.float32)[:, None]
+    if isinstance(bn, GlobalBatchNorm1d) and active():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = _functional().all_reduce(torch.cat([(xf * w).sum(0), (xf * xf * w).sum(0), w.sum().reshape(1)]))
+        n = stats[2 * c]
+        mean = stats[:c] / n
+        var = stats[c:2 * c] / n - mean * mean
+    else:  # two passes, as torch's own batch norm is accurate when the mean is large against the spread
+        n = w.sum()
+        mean = (xf * w).sum(0) / n
+        var = ((xf - mean) ** 2 * w).sum(0) / n
+    with torch.no_grad():
+        m = bn.momentum
+        bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+        bn.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+        bn.num_batches_tracked += 1
+    y = (xf - mean) / torch.sqrt(var + bn.eps)
+    return (y * bn.weight + bn.bias if bn.affine else y).to(x.dtype)
+
+
 def convert_global_bn(module: nn.Module) -> nn.Module:
     """Replaces every BatchNorm1d in `module` by a GlobalBatchNorm1d with the same state."""
     for name, child in module.named_children():
@@ -74,4 +105,4 @@ def convert_global_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["GlobalBatchNorm1d", "active", "convert_global_bn", "gather_with_grad"]
+__all__ = ["GlobalBatchNorm1d", "active", "batch_norm_rows", "convert_global_bn", "gather_with_grad"]

@@ -31,6 +31,7 @@ from .features import FeatureFile, feature_files
 from .h5files import atomic_h5, read_strings, write_attrs
 from .outputs import atomic_file
 from .runtime import resolve_device, slide_seed
+from .step_inputs import place
 from .store import StoreFile
 
 
@@ -107,9 +108,11 @@ def embed(source: str, checkpoint: str, out: str, p: EmbedParams, fmt: str = "h5
         if not batch:
             return
         f = torch.stack([b[1] for b in batch]).to(device)
-        loc = torch.stack([b[2] for b in batch]).to(device)
+        # planned on the host (sparse-layer4: every index of the forward), then one copy to the device
+        where = place(backbone.plan(torch.stack([b[2] for b in batch]), per_view=per_view,
+                                    pad=device.type == "cuda"), device)
         with torch.inference_mode():
-            pooled = backbone(f, loc, per_view=True) if per_view else backbone(f, loc)
+            pooled = backbone(f, where)
         for (slide, _, _), vec in zip(batch, pooled.float().cpu(), strict=True):
             sums[slide] += vec
             counts[slide] += 1

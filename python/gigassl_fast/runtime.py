@@ -6,6 +6,7 @@ this machine. Stages ask; they do not read the environment or probe the hardware
 from __future__ import annotations
 
 import functools
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -111,6 +112,24 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
     t = torch.from_numpy(np.ascontiguousarray(array))
     return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def to_device_packed(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host int64 tensors on `device` in one copy: packed into one pinned buffer, copied without the host
+    waiting, and handed back as views of the one device buffer (on the CPU: the tensors themselves).
+    Many small index tensors cost one transfer instead of one each."""
+    import torch
+
+    if device.type == "cpu":
+        return dict(tensors)
+    flat = torch.empty(sum(t.numel() for t in tensors.values()), dtype=torch.int64, pin_memory=True)
+    offset, spans = 0, {}
+    for name, t in tensors.items():
+        flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+        spans[name] = (offset, t.shape)
+        offset += t.numel()
+    flat = flat.to(device, non_blocking=True)
+    return {name: flat[o:o + math.prod(shape)].view(shape) for name, (o, shape) in spans.items()}
 
 
 def slide_seed(seed: int, slide_id: str) -> int:

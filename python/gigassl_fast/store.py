@@ -65,8 +65,8 @@ class StoreFile(H5Reader):
 class Store:
     """A packed store in memory: augmented features and coordinates as tensors on one device.
 
-    Loaded once; ``train`` never touches per-slide files. On a GPU the arrays go to device memory
-    when they fit, otherwise to pinned host memory.
+    Loaded once; ``train`` never touches per-slide files. On a GPU the features go to device memory
+    when they fit, otherwise to pinned host memory; the coordinates stay on the host.
     """
 
     def __init__(self, path: str, device: torch.device | str = "cpu") -> None:
@@ -78,12 +78,9 @@ class Store:
         self.path = path
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            need = aug_f.numel() * 2 + aug_xy.numel() * 8
-            if need < 0.8 * free:
-                aug_f, aug_xy = aug_f.to(device), aug_xy.to(device)
-            else:
-                aug_f, aug_xy = aug_f.pin_memory(), aug_xy.pin_memory()
+            aug_f = aug_f.to(device) if aug_f.numel() * 2 < 0.8 * free else aug_f.pin_memory()
         self.aug_features = aug_f  # (S, Naug, Nt, D) float16
+        # Coordinates stay on the host: each step's views and their sparse plans are made there.
         self.aug_coords = aug_xy  # (S, Naug, Nt, 2) int64
 
     @property

@@ -29,8 +29,9 @@ from .errors import GigasslError
 from .outputs import atomic_file, nearly_full, write_error
 from .runtime import check_device, check_precision, rank_seed, resolve_device, train_precision
 from .ssl import SimCLRMIL, nt_xent
+from .step_inputs import prepare_step
 from .store import Store
-from .views import view_pair
+from .train_step import EagerStep, GraphedStep, make_optimizer, prepare_optimizer
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class TrainParams:
     device: str = "auto"
     stop_at_epoch: int | None = None
     precision: str = "auto"
+    cuda_graphs: bool = False
 
     def validate(self) -> TrainParams:
         if self.aggregator not in list_aggregators():
@@ -80,7 +82,8 @@ def learning_rate(step: int, steps_per_epoch: int, p: TrainParams, world: int = 
 
 #: Settings a resumed run may change without changing what it computes.
 # precision: compared as resolved (compute_precision), since auto means different things on different machines
-FREE_ON_RESUME = ("checkpoint_every", "device", "stop_at_epoch", "resnet18_weights", "init", "precision")
+FREE_ON_RESUME = ("checkpoint_every", "device", "stop_at_epoch", "resnet18_weights", "init", "precision",
+                  "cuda_graphs")
 
 
 def _atomic_save(obj: dict, path: str) -> None:
@@ -187,7 +190,7 @@ def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Te
     rank's gradient into each rank's own rows, so each rank holds world x its share, and averaging
     over ranks gives the full gradient, as one process with the whole batch would.
     """
-    device_type = view1[1].device.type
+    device_type = view1[0].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         z1 = model(*view1)
         z2 = model(*view2)
@@ -216,6 +219,11 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = resolve_device(params.device)
     precision = train_precision(params.precision, device)
+    if params.cuda_graphs and device.type != "cuda":
+        raise GigasslError(f"--cuda-graphs needs a CUDA device (this run is on {device}); drop --cuda-graphs")
+    if params.cuda_graphs and world > 1:
+        raise GigasslError("--cuda-graphs runs one process only (a captured step cannot hold the gradient "
+                           "all-reduce); drop it under torchrun")
     bf16 = precision == "bf16"
     store = Store(store_path, device)
     global_batch = params.batch_size * world
@@ -232,7 +240,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
     if params.sync_bn and world > 1:
         model = convert_global_bn(model)
         model.backbone.configure_distributed()
-    opt = torch.optim.Adam(model.parameters(), lr=0.0, weight_decay=params.weight_decay)
+    opt = make_optimizer(model, params.weight_decay, params.cuda_graphs)
     gen = torch.Generator(device="cpu").manual_seed(rank_seed(params.seed, rank))
     order_gen = torch.Generator().manual_seed(params.seed)  # same slide order on every rank
     start_epoch, step = 0, 0
@@ -262,6 +270,7 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
                                "values, or --force-resume to continue with the new ones")
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
+        prepare_optimizer(opt, params.cuda_graphs)
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         order_gen.set_state(ckpt["order_rng"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
@@ -280,36 +289,54 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         with atomic_file(os.path.join(out_dir, "config.json")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2)
     steps_per_epoch = store.n_slides // global_batch
-    collapse_ema = None
-    last_loss = float("nan")
+    stats = {"collapse_ema": None, "collapse": 0.0, "last_loss": float("nan"), "lr": 0.0, "t": time.perf_counter()}
     model.train()
+    pad = device.type == "cuda"  # static shapes where launches cost: the steps of a bucket look alike
+    run_step = GraphedStep(model, opt, params.temperature, bf16) if params.cuda_graphs else \
+        EagerStep(model, opt, params.temperature, bf16)
+
+    def finish(record: tuple) -> None:
+        """Reads a launched step's loss back (the one host synchronisation per step, a step late) and logs it."""
+        at, epoch, lr, (loss_t, std_t) = record
+        loss = loss_t.item()
+        if not math.isfinite(loss):
+            good = last if os.path.exists(last) else "none yet"
+            raise GigasslError(f"loss became {loss} at step {at} (epoch {epoch}); last good checkpoint: {good}; "
+                               "try a lower --lr")
+        std = std_t.item()
+        ema = stats["collapse_ema"]
+        stats["collapse_ema"] = ema = std if ema is None else 0.99 * ema + 0.01 * std
+        now = time.perf_counter()
+        rate, stats["t"] = 2 * global_batch / max(now - stats["t"], 1e-9), now
+        stats.update(last_loss=loss, lr=lr, collapse=max(0.0, 1 - ema))
+        if rank == 0:
+            _append_log(log_path, {"epoch": epoch, "step": at + 1, "loss": loss, "lr": lr, "views_per_s": rate,
+                                   "collapse": stats["collapse"]})
+
+    last_loss = float("nan")
     end_epoch = min(params.epochs, params.stop_at_epoch or params.epochs)
     for epoch in range(start_epoch, end_epoch):
         perm = torch.randperm(store.n_slides, generator=order_gen)
-        for it in range(steps_per_epoch):
-            t0 = time.perf_counter()
+
+        def inputs(it: int, perm: torch.Tensor = perm):
             batch = perm[it * global_batch:(it + 1) * global_batch][rank * params.batch_size:(rank + 1) * params.batch_size]
+            return prepare_step(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device,
+                                model.backbone, pad=pad)
+
+        upcoming = inputs(0) if steps_per_epoch else None
+        pending = None
+        for it in range(steps_per_epoch):
             lr = learning_rate(step, steps_per_epoch, params, world)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            v1, v2 = view_pair(store.aug_features, store.aug_coords, batch, params.tiles_per_view, gen, device)
-            opt.zero_grad(set_to_none=True)
-            loss, z1 = contrastive_step(model, v1, v2, params.temperature, bf16)
-            if not torch.isfinite(loss):
-                good = last if os.path.exists(last) else "none yet"
-                raise GigasslError(f"loss became {loss.item()} at step {step} (epoch {epoch}); last good checkpoint: "
-                                   f"{good}; try a lower --lr")
-            opt.step()
+            launched = (step, epoch, lr, run_step(upcoming, lr))  # returns once queued on a GPU
             step += 1
-            last_loss = loss.item()
-            with torch.no_grad():
-                std = torch.nn.functional.normalize(z1, dim=1).std(dim=0).mean().item()
-            collapse_ema = std if collapse_ema is None else 0.99 * collapse_ema + 0.01 * std
-            collapse = max(0.0, 1 - math.sqrt(z1.shape[1]) * collapse_ema)
-            rate = 2 * global_batch / (time.perf_counter() - t0)
-            if rank == 0:
-                _append_log(log_path, {"epoch": epoch, "step": step, "loss": last_loss, "lr": lr, "views_per_s": rate,
-                                       "collapse": collapse})
+            if it + 1 < steps_per_epoch:
+                upcoming = inputs(it + 1)  # the host prepares the next step while the device runs this one
+            if pending is not None:
+                finish(pending)
+            pending = launched
+        if pending is not None:
+            finish(pending)
+        last_loss, lr, collapse = stats["last_loss"], stats["lr"], stats["collapse"]
         # Every rank's sampler state goes into the checkpoint, so a resumed run draws the same views.
         rng = [gen.get_state()]
         if world > 1:

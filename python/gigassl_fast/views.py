@@ -77,34 +77,51 @@ def spatial_augment(locs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return apply_spatial(locs, augmentation_matrix(theta, flips, scales), t)
 
 
+def draw_views(store_shape: tuple[int, int, int], aug_coords: torch.Tensor, slides: torch.Tensor, k: int,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view per entry of `slides` (B,), on the host: the rows (B, k) of the flattened store (S * Naug *
+    Nt rows; `store_shape` = (S, Naug, Nt)) the views take, and their augmented int64 level-0 locations
+    (B, k, 2), from the store's coordinates (S, Naug, Nt, 2)."""
+    b = slides.shape[0]
+    _, naug, nt = store_shape
+    a = torch.randint(0, naug, (b,), generator=gen, device=gen.device).cpu()
+    t = torch.randint(0, nt, (b, k), generator=gen, device=gen.device).cpu()
+    s = slides.cpu()
+    dev = aug_coords.device
+    locs = aug_coords[s[:, None].to(dev), a[:, None].to(dev), t.to(dev)].cpu()
+    return (s[:, None] * naug + a[:, None]) * nt + t, spatial_augment(locs, gen)
+
+
 def sample_views(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: torch.Tensor, k: int,
                  gen: torch.Generator, device: torch.device, fused: bool = False,
                  ) -> tuple[torch.Tensor | StoreRows, torch.Tensor]:
     """One view per entry of `slides` (B,): features and augmented int64 coordinates (B, k, 2) on `device`,
-    drawn from the store tensors (S, Naug, Nt, D) / (S, Naug, Nt, 2).
+    drawn from the store tensors (S, Naug, Nt, D) / (S, Naug, Nt, 2) (the draws of ``draw_views``).
 
     Features: float32 (B, k, D) on `device`; or, with ``fused`` and the store already on `device`, the
     ``StoreRows`` the aggregators read in place (no copy).
     """
-    b = slides.shape[0]
-    s_, naug, nt = aug_features.shape[:3]
-    a = torch.randint(0, naug, (b,), generator=gen, device=gen.device).to(aug_features.device)
-    t = torch.randint(0, nt, (b, k), generator=gen, device=gen.device).to(aug_features.device)
-    s = slides.to(aug_features.device)
-    locs = aug_coords[s[:, None], a[:, None], t].to(device, non_blocking=True)
+    rows, locs = draw_views(tuple(aug_features.shape[:3]), aug_coords, slides, k, gen)
+    return view_features(aug_features, rows, device, fused), locs.to(device, non_blocking=True)
+
+
+def view_features(aug_features: torch.Tensor, rows: torch.Tensor, device: torch.device,
+                  fused: bool = True) -> torch.Tensor | StoreRows:
+    """The features of views given by their store rows (B, k): ``StoreRows`` read in place when `fused`
+    and the store (S, Naug, Nt, D) sits on `device`, else a float32 (B, k, D) copy on `device`."""
+    flat = aug_features.view(-1, aug_features.shape[-1]) if aug_features.is_contiguous() else None
     want = torch.device(device)
     same = aug_features.device.type == want.type and want.index in (None, aug_features.device.index)
-    if fused and same and aug_features.is_contiguous():
-        rows = (s[:, None] * naug + a[:, None]) * nt + t
-        feats = StoreRows(aug_features.view(s_ * naug * nt, -1), rows)
-    else:
-        feats = aug_features[s[:, None], a[:, None], t].to(device, non_blocking=True).float()
-    return feats, spatial_augment(locs, gen)
+    if fused and same and flat is not None:
+        return StoreRows(flat, rows.to(aug_features.device, non_blocking=True))
+    table = flat if flat is not None else aug_features.reshape(-1, aug_features.shape[-1])
+    return table[rows.to(table.device)].to(device, non_blocking=True).float()
 
 
 def view_pair(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: torch.Tensor, k: int,
               gen: torch.Generator, device: torch.device) -> tuple[tuple, tuple]:
-    """Two independent views of each slide (spec §4.1), as a training step takes them: features read in
-    place where the store sits on `device`, copied otherwise."""
+    """Two independent views of each slide (spec §4.1), with their locations rather than a plan (the
+    train loop itself uses ``step_inputs.prepare_step``): features read in place where the store sits
+    on `device`, copied otherwise."""
     return (sample_views(aug_features, aug_coords, slides, k, gen, device, fused=True),
             sample_views(aug_features, aug_coords, slides, k, gen, device, fused=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 
+import torch
 from torch import nn
 
 from ..errors import GigasslError
@@ -24,6 +25,12 @@ class Aggregator(nn.Module):
         """The aggregator on `in_dim`-d tile features; `resnet18_state` (a torchvision ResNet18 state dict)
         is used by aggregators that start from ResNet18 weights, ignored by the others."""
         return cls(in_dim)
+
+    def plan(self, locations: torch.Tensor, per_view: bool = False, pad: bool = False) -> torch.Tensor | object:
+        """What ``forward`` takes as its locations, made on the host from the views' level-0 locations
+        (B, k, 2) before a step, so that the step reads nothing back: the locations themselves by default;
+        sparse-layer4 returns the plan of every index its forward needs. `pad`: static shapes (buckets)."""
+        return locations
 
     def configure_distributed(self) -> None:
         """Called by training when several processes train one model with batch-norm statistics over all

@@ -22,45 +22,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.sparse_bag import gather_gemm, tap_scatter
-from ..views import StoreRows
+from ..distributed import batch_norm_rows
+from ..kernels.sparse_bag import csr_sum, gather_gemm, tap_gemm
+from ..runtime import to_device_packed
+from ..views import StoreRows, tile_features
 from . import rulebook as rb
 from .registry import Aggregator, register_aggregator
+from .sparse_plan import SparsePlan, plan_cells
 
 IN_DIM, OUT_DIM = 256, 512
 
 
-def _tap_matmul(x: torch.Tensor, weight: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
-                n_out: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """out[dst] += scale * x[src] @ W[tap]^T over the rule pairs; W dense (out, in, 3, 3), tap = 3 * kh + kw;
-    `scale` (per pair) optional.
+def _tap_products(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, plan: SparsePlan,
+                  which: str) -> torch.Tensor:
+    """(pairs, out): x[rows[p]] @ W[tap of p]^T for the plan's `which` ("first" or "sub") pairs, which are
+    grouped by tap; W dense (out, in, 3, 3), tap = 3 * kh + kw.
 
-    Pairs are grouped by tap and each group is one gather-GEMM (x rows straight into the product, no
-    copy), so only products that exist are computed: isolated sites use the centre tap alone, where a
-    GEMM against all nine taps would do nine times the work. The products are then summed into their
-    output sites.
+    Only products that exist are computed: isolated sites use the centre tap alone, where a GEMM
+    against all nine taps would do nine times the work. A padded plan runs one grouped GEMM (one tap
+    per block of rows, from the plan's device indices); an exact one, one gather-GEMM per tap, sliced
+    by the plan's host bounds.
     """
-    cout = weight.shape[0]
+    cout, cin = weight.shape[:2]
+    w = weight.permute(2, 3, 1, 0).reshape(9, cin, cout)  # [tap] -> (in, out)
+    if plan.padded:
+        return tap_gemm(x, rows, w, plan.index[f"{which}_block_tap"]).to(weight.dtype)
+    b = plan.first_bounds if which == "first" else plan.sub_bounds
     # unbind, not w[t]: each w[t]'s backward would fill and add a gradient the size of all nine taps
     # (9 x in x out), once per tap; unbind's backward stacks the nine tap gradients once.
-    w = weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], cout).unbind(0)  # [tap] -> (in, out)
-    order = torch.argsort(tap, stable=True)
-    bounds = torch.searchsorted(tap[order], torch.arange(10, device=tap.device)).tolist()
-    # Concatenated, not written into slices of one buffer: autograd would copy the whole gradient
-    # once per slice.
-    prod = torch.cat([gather_gemm(x, src[order[bounds[t]:bounds[t + 1]]], w[t]).to(weight.dtype)
-                      for t in range(9) if bounds[t + 1] > bounds[t]])
-    if scale is not None:
-        prod = prod * scale[order][:, None]
-    return tap_scatter(prod[:, None, :], torch.arange(len(order), device=x.device), dst[order],
-                       torch.zeros_like(order), n_out)
-
-
-def _segment_mean(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of the rows of `x` in each of `n` segments (sites of a cell, sites of a view): the CSR scatter
-    kernel on a GPU, which sums each segment in a fixed order (no atomics); its twin on the CPU."""
-    sums = tap_scatter(x[:, None, :], torch.arange(len(x), device=x.device), segment, torch.zeros_like(segment), n)
-    return sums / torch.bincount(segment, minlength=n).to(x.dtype)[:, None]
+    # Concatenated, not written into slices of one buffer: autograd would copy the whole gradient once
+    # per slice.
+    w = w.unbind(0)
+    return torch.cat([gather_gemm(x, rows[b[t]:b[t + 1]], w[t]).to(weight.dtype) for t in range(9) if b[t + 1] > b[t]])
 
 
 class _Block(nn.Module):
@@ -152,74 +145,95 @@ class SparseConvMIL(Aggregator):
         return model
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor | StoreRows, locations: torch.Tensor, trace: dict | None = None,
-                per_view: bool = False) -> torch.Tensor:
-        """(B, 512) pooled output. `features`: (B, k, 256), or ``StoreRows`` read in place by the first
-        layer. `trace`, if a dict, receives the intermediate sparse tensors (tensor features only).
-        ``per_view``: each view gets its own spatial size, so a batch of views gives what running them
-        one at a time would (the reference's inference) while running as one batch."""
-        b = features.shape[0]
-        cells = rb.grid_cells(locations, exact=self.exact_cells)
-        spatial = None
-        if self.sync_spatial_size and torch.distributed.is_initialized():
-            spatial = rb.spatial_size(cells)
-            torch.distributed.all_reduce(spatial, op=torch.distributed.ReduceOp.MAX)
-        rules = rb.build_rules(cells, spatial, per_view=per_view)
-        dev = features.device
-        inp, out_sites = rules.inp, rules.out
-        src, dst, tap = (t.to(dev) for t in rules.strided)
-        n1 = len(out_sites.keys)
-        blk = self.block0
-        if isinstance(features, StoreRows):
-            c1, dpre = self._first_layer_in_place(features, rules.tile_site.to(dev), len(inp.keys), src, dst, tap, n1)
-        else:
-            x0 = _segment_mean(features.reshape(-1, features.shape[-1]), rules.tile_site.to(dev), len(inp.keys))
-            c1 = _tap_matmul(x0, blk.conv1, src, dst, tap, n1)
-            pooled = tap_scatter(x0[:, None, :], src, dst, torch.zeros_like(src), n1) / 9
-            dpre = pooled @ blk.convd[:, :, 0, 0].T
-        s_src, s_dst, s_tap = (t.to(dev) for t in rules.submanifold)
+    def plan(self, locations: torch.Tensor, per_view: bool = False, pad: bool = False) -> SparsePlan:
+        """The host plan of a forward over level-0 locations (B, k, 2) on the host (see sparse_plan.py):
+        made before the step, so that the step reads nothing back. Under ``sync_spatial_size`` the
+        spatial size is agreed with the other processes here, outside the step."""
+        cells = rb.grid_cells(locations.detach().cpu(), exact=self.exact_cells)
+        size = None
+        if self.sync_spatial_size and torch.distributed.is_initialized() and not per_view:
+            size = rb.spatial_size(cells)
+            on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+                else torch.device("cpu")
+            size = size.to(on)
+            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
+            size = size.cpu()
+        return plan_cells(cells, per_view=per_view, size=size, pad=pad)
 
-        a = F.relu(blk.bn1(c1))
-        a = blk.bn2(_tap_matmul(a, blk.conv2, s_src, s_dst, s_tap, n1))
-        d = blk.bnd(dpre)
-        x1 = F.relu(a + d)
-        blk = self.block1
-        a = F.relu(blk.bn1(_tap_matmul(x1, blk.conv1, s_src, s_dst, s_tap, n1)))
-        a = blk.bn2(_tap_matmul(a, blk.conv2, s_src, s_dst, s_tap, n1))
-        x2 = F.relu(a + x1)
-        out = _segment_mean(x2, out_sites.sites[:, 0].to(dev), b)
+    def forward(self, features: torch.Tensor | StoreRows, locations: torch.Tensor | SparsePlan,
+                trace: dict | None = None, per_view: bool = False) -> torch.Tensor:
+        """(B, 512) pooled output. `features`: (B, k, 256), or ``StoreRows`` read in place by the first
+        layer. `locations`: level-0 locations (B, k, 2), or their plan (``plan``), already on the
+        features' device: with a plan the forward makes no host synchronisation. ``per_view`` (with
+        locations): each view gets its own spatial size, so a batch of views gives what running them one
+        at a time would (the reference's inference) while running as one batch. `trace`, if a dict,
+        receives the intermediate sparse tensors (tensor features and locations only)."""
+        if isinstance(locations, SparsePlan):
+            plan = locations
+        else:
+            plan = self.plan(locations, per_view=per_view, pad=features.device.type == "cuda")
+            plan = plan.with_index(to_device_packed(plan.index, features.device))
+        x = tile_features(features)
+        c1, x2, out = self._planned(x.table, x.rows.reshape(-1), plan)
         if trace is not None and not isinstance(features, StoreRows):
-            trace.update(cells=cells, spatial_size=rules.size, in_sites=inp.sites, in_feats=x0, conv1_sites=out_sites.sites,
-                         conv1_out=c1, avgpool_out=pooled, block1_out=x2)
+            n, cells = plan.n_sites, rb.grid_cells(locations.cpu(), exact=self.exact_cells)
+            trace.update(cells=cells, spatial_size=plan.size, conv1_sites=torch.from_numpy(plan.out_sites),
+                         conv1_out=c1[:n], block1_out=x2[:n], **self._first_layer_inputs(features, cells, plan))
         return out
 
-    def _first_layer_in_place(self, features: StoreRows, tile_site: torch.Tensor, n0: int, src: torch.Tensor,
-                              dst: torch.Tensor, tap: torch.Tensor, n1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block 0's strided conv and its downsample branch (before batch norm), read from the store rows.
+    def _planned(self, table: torch.Tensor, rows: torch.Tensor, plan: SparsePlan
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block 0's first layer straight from the tiles' rows, both blocks, the mean per view: (c1, x2,
+        pooled). Every shape comes from the plan's host values; padding rows are left out of batch norm
+        and of the means.
 
-        Both are linear in the input sites X0, and a site is the mean of its tiles, so each site-level
-        rule pair (i, o, tap) becomes one pair per tile of site i, weighted 1 / (tiles in i): the
-        products then take the tiles' rows straight from the table. The downsample branch, 1x1 conv of
-        the 3x3 average pool, is the 1x1 conv of each tile pooled the same way.
-        """
-        table = features.table
-        rows = features.rows.reshape(-1).to(table.device)
-        n_tiles = len(tile_site)
-        per_site = torch.bincount(tile_site, minlength=n0)
-        pairs_of_site = torch.bincount(src, minlength=n0)
-        order = torch.argsort(src, stable=True)
-        first = torch.cumsum(pairs_of_site, 0) - pairs_of_site  # each site's first pair in `order`
-        per_tile = pairs_of_site[tile_site]
-        tile = torch.repeat_interleave(torch.arange(n_tiles, device=table.device), per_tile)
-        offset = torch.arange(len(tile), device=table.device) - (torch.cumsum(per_tile, 0) - per_tile)[tile]
-        pair = order[first[tile_site][tile] + offset]
-        weight = 1.0 / per_site[tile_site].to(torch.float32)  # per tile
-        coincident = bool((per_site > 1).any())
+        Block 0's strided conv and its downsample branch are linear in the input sites, and a site is
+        the mean of its tiles, so each site-level rule pair becomes one pair per tile of the site,
+        weighted 1 / (tiles in the site): the products take the tiles' rows straight from the table.
+        The downsample, a 1x1 conv of the 3x3 average pool, is the 1x1 conv of each tile pooled the same
+        way."""
+        ix, n1 = plan.index, plan.n_sites_pad
+        count = ix["first_count"]
+        share = torch.where(count > 0, 1.0 / count.clamp(min=1).to(torch.float32), 0.0)  # 0 for padding
+        tile = ix["first_tile"]
+        first = (ix["first_perm"], ix["first_ptr"], ix["first_seg"], n1, plan.first_max)
+        sub = (ix["sub_perm"], ix["sub_ptr"], ix["sub_seg"], n1, plan.sub_max)
+        live = (torch.arange(n1, device=table.device) < ix["view_ptr"][-1]).to(torch.float32) if plan.padded else None
+
+        def conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return csr_sum(_tap_products(x, ix["sub_src"], weight, plan, "sub"), *sub)
+
+        def norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+            return bn(x) if live is None else batch_norm_rows(bn, x, live)
+
         blk = self.block0
-        c1 = _tap_matmul(table, blk.conv1, rows[tile], dst[pair], tap[pair], n1, weight[tile] if coincident else None)
-        z = gather_gemm(table, rows, blk.convd[:, :, 0, 0].T) * (weight / 9)[:, None]  # (tiles, C)
-        dpre = tap_scatter(z[:, None, :], tile, dst[pair], torch.zeros_like(tile), n1)
-        return c1, dpre
+        c1 = csr_sum(_tap_products(table, rows[tile], blk.conv1, plan, "first") * share[:, None], *first)
+        z = gather_gemm(table, rows, blk.convd[:, :, 0, 0].T)  # (tiles, C)
+        dpre = csr_sum(z[tile] * (share / 9)[:, None], *first)
+        a = F.relu(norm(blk.bn1, c1))
+        a = norm(blk.bn2, conv(a, blk.conv2))
+        x1 = F.relu(a + norm(blk.bnd, dpre))
+        blk = self.block1
+        a = F.relu(norm(blk.bn1, conv(x1, blk.conv1)))
+        a = norm(blk.bn2, conv(a, blk.conv2))
+        x2 = F.relu(a + x1)
+        view_ptr = ix["view_ptr"]
+        sites = torch.arange(n1, device=x2.device)
+        view = (torch.searchsorted(view_ptr, sites, right=True) - 1).clamp(0, plan.n_views - 1)
+        sums = csr_sum(x2, sites, view_ptr, view, plan.n_views, plan.view_max)
+        return c1, x2, sums / (view_ptr[1:] - view_ptr[:-1]).clamp(min=1).to(sums.dtype)[:, None]
+
+    def _first_layer_inputs(self, features: torch.Tensor, cells: torch.Tensor, plan: SparsePlan) -> dict:
+        """For traces: the input sites, their features (mean of their tiles) and the 3x3 average pool that
+        the planned forward folds into its tile-level first layer; from the rulebook, as SparseConvNet."""
+        rules = rb.build_rules(cells.cpu(), plan.size)
+        x0 = features.reshape(-1, features.shape[-1]).cpu().float()
+        n0 = len(rules.inp.keys)
+        per_site = torch.bincount(rules.tile_site, minlength=n0).to(x0.dtype)[:, None]
+        x0 = torch.zeros(n0, x0.shape[1]).index_add_(0, rules.tile_site, x0) / per_site
+        src, dst, _ = rules.strided
+        pooled = torch.zeros(len(rules.out.keys), x0.shape[1]).index_add_(0, dst, x0[src]) / 9
+        return {"in_sites": rules.inp.sites, "in_feats": x0, "avgpool_out": pooled}
 
     def bn_layers(self) -> list[nn.BatchNorm1d]:
         """In the fixtures' ``bn_order``: block0 norm1, norm2, normd; block1 norm1, norm2."""
