@@ -6,15 +6,13 @@ namespace py = pybind11;
 namespace gigassl {
 void init_tissue_mask(py::module_& m);
 void init_tile_grid(py::module_& m);
-void init_sparse_rules(py::module_& m);
 void init_sparse_plan(py::module_& m);
 }  // namespace gigassl
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "gigassl-fast compiled core: tissue masks, tile grids, sparse-convolution rulebooks.";
+  m.doc() = "gigassl-fast compiled core: tissue masks, tile grids, sparse-convolution step plans.";
   gigassl::init_tissue_mask(m);
   gigassl::init_tile_grid(m);
-  gigassl::init_sparse_rules(m);
   gigassl::init_sparse_plan(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;

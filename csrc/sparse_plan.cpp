@@ -2,7 +2,7 @@
 // sites of the stride-2 3x3 convolution, its tile-level (tile, output, tap, count) pairs and the
 // submanifold 3x3 (src, dst, tap) pairs among the output sites, each laid out by tap group with a CSR
 // by output, optionally padded to static "bucket" shapes (CUDA graphs). Same semantics as
-// aggregators/rulebook.py (the definition) and sparse_rules.cpp.
+// aggregators/rulebook.py (the definition; tests/test_sparse_plan.py compares the two).
 //
 // No searches in the inner loops: for a fixed tap every list is already sorted by key, so output sites
 // come from a 9-way merge of the per-tap lists and submanifold neighbours from one walk per row shift.

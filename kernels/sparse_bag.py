@@ -1,20 +1,22 @@
-"""Sparse-bag kernels for the sparse ResNet18-layer4, each beside its torch twin.
+"""Sparse-bag kernels for the aggregators, each beside its torch twin.
 
 ``gather_gemm``: Y = X[rows] @ W. The rows a view sampler picked are read straight from the packed store
-X (T, D) and multiplied by the first layer's 9 tap matrices side by side (W: D x 9C), with no (B, k, D)
-copy in memory.
+X (T, D), with no (B, k, D) copy in memory; ``gather_linear_relu`` adds the bias and ReLU (mlp, abmil).
 
-``tap_scatter``: out[o] = sum over rule pairs (i, o, tap) of Y[i, tap] (Y: N_in x 9 x C), i.e. a sparse
-3x3 convolution once the dense GEMM is done. Pairs are grouped by output site (CSR), so each output is
-summed by one program in a fixed order: deterministic, no atomics.
+``tap_gemm``: the same with one weight matrix per block of GROUP rows, W (taps, D, C): the sparse
+3x3 convolutions' products, rule pairs grouped by tap (aggregators/sparse_plan.py lays them out).
 
-``tap_gemm`` and ``csr_sum``: the same two steps with every index planned on the host beforehand
-(aggregators/sparse_plan.py): rule pairs grouped by tap in blocks of GROUP rows, one weight per block,
-and the CSR order of the sums given rather than sorted on the device. Their shapes are the plan's padded
-sizes, so a training step reads nothing back and can be captured in a CUDA graph.
+``csr_sum``: out[o] = sum of Y[perm[j]] for j in [ptr[o], ptr[o+1]), the products summed into their
+output sites. The order and bounds come from the host plan, so each output is summed by one program in
+a fixed order: deterministic, no atomics, nothing sorted or read back on the device. Its kernel is the
+general tap scatter (a tap per pair; ``tap_scatter_twin``).
 
-The twins define what the kernels compute and are the CPU path; autograd goes through custom
-Functions whose backward passes are torch ops.
+``segment_softmax_pool``: attention pooling of each view's tiles (abmil).
+
+Every shape comes from the caller's host values (a plan's padded sizes on GPUs), so a training step
+reads nothing back and can be captured in a CUDA graph. The twins define what the kernels compute and
+are the CPU path; autograd goes through custom Functions whose backward passes are torch ops or the
+same kernels.
 """
 
 from __future__ import annotations
@@ -123,21 +125,6 @@ def gather_gemm_triton(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, iee
     return y
 
 
-def _csr(dst: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Order of the pairs by output site and the CSR pointer (n_out + 1,)."""
-    order = torch.argsort(dst, stable=True)
-    counts = torch.bincount(dst, minlength=n_out)
-    ptr = torch.zeros(n_out + 1, dtype=torch.int64, device=dst.device)
-    ptr[1:] = torch.cumsum(counts, 0)
-    return order, ptr, int(counts.max().item()) if n_out else 0
-
-
-def tap_scatter_triton(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor,
-                       n_out: int) -> torch.Tensor:
-    order, ptr, max_pairs = _csr(dst, n_out)
-    return _scatter_csr_triton(y, ptr, src[order], tap[order], n_out, max_pairs)
-
-
 def _scatter_csr_triton(y: torch.Tensor, ptr: torch.Tensor, src: torch.Tensor, tap: torch.Tensor, n_out: int,
                         max_pairs: int) -> torch.Tensor:
     """out[o] = sum of y[src[j], tap[j]] for j in [ptr[o], ptr[o+1]): pairs already grouped by output."""
@@ -180,25 +167,11 @@ class _GatherGemm(torch.autograd.Function):
         return gx, None, gw, gb, None
 
 
-class _TapScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, src, dst, tap, n_out):
-        ctx.save_for_backward(src, dst, tap)
-        ctx.shape = y.shape
-        return tap_scatter_triton(y, src, dst, tap, n_out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        src, dst, tap = ctx.saved_tensors
-        gy = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
-        gy.index_put_((src, tap), grad[dst], accumulate=True)
-        return gy, None, None, None, None
-
-
 class _TapGemm(torch.autograd.Function):
     """The grouped gather-GEMM (one weight per block of GROUP rows) by the kernel; backward: the input
     gradient by the same kernel on the transposed weights, the weight gradient per block (batched) and
-    summed per tap. Every shape is fixed by the plan's padded sizes, none by the data."""
+    summed per tap. Every shape is fixed by the plan's padded sizes, none by the data. (The input
+    gradient's index_add_ still adds with atomics on a GPU, as the other kernels' backward passes do.)"""
 
     @staticmethod
     def forward(ctx, x, rows, w, block_tap):
@@ -217,9 +190,11 @@ class _TapGemm(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             blocks = len(block_tap)
             a = x[rows].float().view(blocks, GROUP, x.shape[1])
-            partial = torch.bmm(a.transpose(1, 2), g.view(blocks, GROUP, g.shape[1]))
-            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device).index_add_(0, block_tap, partial)
-            gw = gw.to(w.dtype)
+            partial = torch.bmm(a.transpose(1, 2), g.view(blocks, GROUP, g.shape[1]))  # (blocks, K, N)
+            # summed per tap by a product with the one-hot tap of each block: a fixed order (index_add_
+            # would add with atomics, and the gradient would vary from run to run)
+            onehot = torch.nn.functional.one_hot(block_tap, w.shape[0]).to(torch.float32)
+            gw = (onehot.T @ partial.view(blocks, -1)).view(w.shape).to(w.dtype)
         return gx, None, gw, None
 
 
@@ -257,11 +232,6 @@ def csr_sum(y: torch.Tensor, perm: torch.Tensor, ptr: torch.Tensor, seg: torch.T
 def gather_gemm(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """float32 (len(rows), N) = x[rows] @ w: the Triton kernel where it runs, else the twin."""
     return _GatherGemm.apply(x, rows, w, None, False) if use_triton(x) else gather_gemm_twin(x, rows, w)
-
-
-def tap_scatter(y: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tap: torch.Tensor, n_out: int) -> torch.Tensor:
-    """(n_out, C) = sum of y[src, tap] into dst: the Triton kernel where it runs, else the twin."""
-    return _TapScatter.apply(y, src, dst, tap, n_out) if use_triton(y) else tap_scatter_twin(y, src, dst, tap, n_out)
 
 
 def segment_softmax_pool_triton(scores: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor,

@@ -1,6 +1,7 @@
 """Triton kernels against their torch twins, under the Triton interpreter on CPU (on a GPU machine they
 run compiled). float32 with IEEE dots must agree tightly, bf16 within 1e-2; gradients too."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -61,9 +62,17 @@ def test_gather_gemm_bf16_store():
     assert _rel(gather_gemm_triton(x, rows, w), ref) < 1e-2
 
 
+def _csr(dst, n_out):
+    """The CSR order of pairs by output, as a host plan gives it: (order, ptr, longest run)."""
+    order = torch.argsort(dst, stable=True)
+    counts = torch.bincount(dst, minlength=n_out)
+    return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), int(counts.max())
+
+
 @pytest.mark.parametrize("n_in,n_out,c", [(23, 17, 40), (200, 150, 130)])
-def test_tap_scatter_matches_twin(n_in, n_out, c):
-    from gigassl_fast.kernels.sparse_bag import tap_scatter_triton, tap_scatter_twin
+def test_tap_scatter_kernel_matches_twin(n_in, n_out, c):
+    """The scatter kernel in its general form (a tap per pair, pairs in CSR order) against its twin."""
+    from gigassl_fast.kernels.sparse_bag import _scatter_csr_triton, tap_scatter_twin
 
     g = torch.Generator().manual_seed(n_in)
     y = torch.randn(n_in, 9, c, generator=g).to(_dev())
@@ -71,28 +80,30 @@ def test_tap_scatter_matches_twin(n_in, n_out, c):
     src = torch.randint(0, n_in, (pairs,), generator=g).to(_dev())
     dst = torch.randint(0, n_out, (pairs,), generator=g).to(_dev())
     tap = torch.randint(0, 9, (pairs,), generator=g).to(_dev())
-    ours = tap_scatter_triton(y, src, dst, tap, n_out)
+    order, ptr, longest = _csr(dst, n_out)
+    ours = _scatter_csr_triton(y, ptr, src[order], tap[order], n_out, longest)
     ref = tap_scatter_twin(y.double(), src, dst, tap, n_out)
     assert _rel(ours, ref) < 1e-6
     assert torch.isfinite(ours).all() and ours.shape == (n_out, c)
 
 
 def test_backward_matches_twin():
-    from gigassl_fast.kernels.sparse_bag import gather_gemm, gather_gemm_twin, tap_scatter, tap_scatter_twin
+    """gather-GEMM then CSR sum (exact plans' per-tap path), gradients of the weights: kernels against twins."""
+    from gigassl_fast.kernels.availability import twins_only
+    from gigassl_fast.kernels.sparse_bag import csr_sum, gather_gemm
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(60, 32, generator=g).to(_dev())
-    w = torch.randn(32, 9 * 16, generator=g).to(_dev())
-    rows = torch.randint(0, 60, (40,), generator=g).to(_dev())
-    src = torch.randint(0, 40, (90,), generator=g).to(_dev())
+    w = torch.randn(32, 16, generator=g).to(_dev())
+    rows = torch.randint(0, 60, (90,), generator=g).to(_dev())
     dst = torch.randint(0, 25, (90,), generator=g).to(_dev())
-    tap = torch.randint(0, 9, (90,), generator=g).to(_dev())
+    order, ptr, longest = _csr(dst, 25)
     target = torch.randn(25, 16, generator=g).to(_dev())
     grads = []
-    for gg, ts in ((gather_gemm, tap_scatter), (gather_gemm_twin, tap_scatter_twin)):
+    for ctx in (contextlib.nullcontext(), twins_only()):
         wk = w.clone().requires_grad_(True)
-        y = gg(x, rows, wk).view(40, 9, 16)
-        out = ts(y, src, dst, tap, 25)
+        with ctx:
+            out = csr_sum(gather_gemm(x, rows, wk), order, ptr, dst[order], 25, longest)
         ((out - target) ** 2).sum().backward()
         grads.append(wk.grad)
     assert _rel(grads[0], grads[1].double()) < 1e-5
@@ -204,16 +215,22 @@ class HostSync(AssertionError):
 class NoHostSync(torch.overrides.TorchFunctionMode):
     """Inside it, every call that reads device data back to the host raises: .item(), .tolist(), truth
     values and int()/float() of tensors, nonzero, repeat_interleave with tensor repeats, boolean-mask
-    indexing. A mode, not patched methods: Python code run by backward is covered too."""
+    indexing; so does a tensor factory without a device (a host tensor the device would wait for). A mode,
+    not patched methods: Python code run by backward is covered too."""
 
     READ_BACK = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere",
                  "masked_select", "unique", "bincount"}
+    #: Made without a device, a tensor is made on the host: on a GPU its first use is a blocking copy.
+    FACTORIES = {"arange", "zeros", "ones", "full", "empty", "tensor", "as_tensor", "rand", "randn", "randint", "eye",
+                 "linspace"}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
         if name in self.READ_BACK:
             raise HostSync(f"host synchronisation inside the step: {name}")
+        if name in self.FACTORIES and kwargs.get("device") is None:
+            raise HostSync(f"a host tensor made inside the step: torch.{name} without device=")
         if name == "repeat_interleave" and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor):
             raise HostSync("host synchronisation inside the step: repeat_interleave with tensor repeats")
         if name in ("__getitem__", "__setitem__"):
@@ -229,8 +246,6 @@ def test_training_step_reads_nothing_back_from_the_device(name, path):
     """A training step (two forwards, NT-Xent, backward) makes no host synchronisation once its inputs are
     prepared (``prepare_step``: store rows and, for sparse-layer4, the host plan padded to buckets as on
     a GPU), on the kernel path (interpreted here) and the twin path, for every aggregator."""
-    import contextlib
-
     from gigassl_fast.kernels.availability import twins_only
 
     from gigassl_fast.aggregators import build_aggregator

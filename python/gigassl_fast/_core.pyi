@@ -12,3 +12,7 @@ def otsu_saturation_mask(
 def tile_grid(
     mask: npt.NDArray[np.uint8], width0: int, height0: int, tile0: int, step0: int, min_tissue: float
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+def sparse_plan(
+    cells: npt.NDArray[np.int64], per_view: bool = False, size: npt.NDArray[np.int64] | None = None, pad: bool = False,
+    granule: int = 64,
+) -> dict[str, npt.NDArray[np.int64] | int]: ...

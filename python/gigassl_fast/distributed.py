@@ -42,34 +42,19 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
-        import warnings
-
-        c = x.shape[1]
-        count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            stats = _functional().all_reduce(torch.cat([x.sum(0), (x * x).sum(0), count]))
-        n = stats[2 * c]
-        mean = stats[:c] / n
-        var = stats[c:2 * c] / n - mean * mean
-        with torch.no_grad():
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(m * mean.detach())
-            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
-            self.num_batches_tracked += 1
-        y = (x - mean) / torch.sqrt(var + self.eps)
-        return y * self.weight + self.bias if self.affine else y
+        return batch_norm_rows(self, x)
 
 
-def batch_norm_rows(bn: nn.BatchNorm1d, x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """`bn` over (N, C) rows of which only those with live = 1 are data (the rest pad a static shape):
-    in training, the statistics, and the running statistics' update, are those of the live rows alone,
-    over every process for a GlobalBatchNorm1d under torch.distributed; in eval, `bn` itself. The count
-    stays on the device: nothing is read back."""
+def batch_norm_rows(bn: nn.BatchNorm1d, x: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    """`bn` over (N, C) rows in training, with statistics over the rows where `live` is 1 only (the others
+    pad a static shape; all rows without `live`), and over every process's rows for a GlobalBatchNorm1d
+    under torch.distributed. The running statistics are updated from the same rows (unbiased variance),
+    as torch's batch norm does. The count stays on the device: nothing is read back. In eval: `bn`."""
     if not bn.training:
         return bn(x)
     c = x.shape[1]
-    xf, w = x.float(), live.to(torch.float32)[:, None]
+    xf = x.float()
+    w = torch.ones(len(x), 1, dtype=torch.float32, device=x.device) if live is None else live.to(torch.float32)[:, None]
     if isinstance(bn, GlobalBatchNorm1d) and active():
         import warnings
 
@@ -83,11 +68,13 @@ def batch_norm_rows(bn: nn.BatchNorm1d, x: torch.Tensor, live: torch.Tensor) -> 
         n = w.sum()
         mean = (xf * w).sum(0) / n
         var = ((xf - mean) ** 2 * w).sum(0) / n
-    with torch.no_grad():
-        m = bn.momentum
-        bn.running_mean.mul_(1 - m).add_(m * mean.detach())
-        bn.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
-        bn.num_batches_tracked += 1
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            # momentum None: the cumulative average, as torch's batch norm
+            m = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+            bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+            bn.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
     y = (xf - mean) / torch.sqrt(var + bn.eps)
     return (y * bn.weight + bn.bias if bn.affine else y).to(x.dtype)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .aggregators.sparse_plan import SparsePlan
+from .aggregators.sparse_plan import SparsePlan, pad_alike
 from .runtime import to_device_packed
 from .views import StoreRows, draw_views, view_features
 
@@ -40,9 +40,7 @@ class StepInputs:
 
 def place(where: torch.Tensor | SparsePlan, device: torch.device) -> torch.Tensor | SparsePlan:
     """Locations, or a plan's indices, on `device` in one copy."""
-    if isinstance(where, SparsePlan):
-        return where.with_index(to_device_packed(where.index, torch.device(device)))
-    return where.to(device, non_blocking=True)
+    return where.to(device) if isinstance(where, SparsePlan) else where.to(device, non_blocking=True)
 
 
 def prepare_step(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: torch.Tensor, k: int,
@@ -57,16 +55,18 @@ def prepare_step(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: t
     parts, copied = [], []
     for v in range(2):
         rows, locs = draw_views(tuple(aug_features.shape[:3]), aug_coords, slides, k, gen)
-        where = aggregator.plan(locs, pad=pad)
+        parts.append(aggregator.plan(locs, pad=pad))
         if in_place:
             host[f"{v}/rows"] = rows
         else:  # the store did not fit on the device: the views' rows are gathered on the host and copied
             copied.append(view_features(aug_features, rows, device))
+    if pad and all(isinstance(p, SparsePlan) for p in parts):
+        parts = pad_alike(parts)  # one bucket for both views
+    for v, where in enumerate(parts):
         if isinstance(where, SparsePlan):
             host.update({f"{v}/{name}": t for name, t in where.index.items()})
         else:
             host[f"{v}/locs"] = where
-        parts.append(where)
     moved = to_device_packed(host, device)
     views, key = [], []
     for v, where in enumerate(parts):

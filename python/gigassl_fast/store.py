@@ -63,7 +63,7 @@ class StoreFile(H5Reader):
 
 
 class Store:
-    """A packed store in memory: augmented features and coordinates as tensors on one device.
+    """A packed store in memory: augmented features and coordinates as tensors.
 
     Loaded once; ``train`` never touches per-slide files. On a GPU the features go to device memory
     when they fit, otherwise to pinned host memory; the coordinates stay on the host.

@@ -1,10 +1,10 @@
 """The train stage: slide-level SimCLR on a packed store (spec §4).
 
-Each step draws B slides, two independent views of each (``views.view_pair``), runs the two view
-batches through the model in two separate forwards (batch-norm statistics per view batch, as the
-reference), and minimises NT-Xent (T = 0.05). Adam at lr = base_lr * B / 256 with a linear warm-up over
-the first epochs and cosine decay to 0, per step. Weight decay is off by default: the reference's
-config sets 5e-4 but never passes it to Adam.
+Each step draws B slides, two independent views of each (``step_inputs.prepare_step``, on the host, with
+sparse-layer4's plan), runs the two view batches through the model in two separate forwards (batch-norm
+statistics per view batch, as the reference), and minimises NT-Xent (T = 0.05). Adam at lr = base_lr * B / 256
+with a linear warm-up over the first epochs and cosine decay to 0, per step. Weight decay is off by default:
+the reference's config sets 5e-4 but never passes it to Adam.
 
 Outputs in RUN: ``checkpoint_eNNNN.pt`` (every --checkpoint-every epochs), ``checkpoint_last.pt``,
 ``log.jsonl`` (one line per step), ``config.json``.
@@ -198,7 +198,8 @@ def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Te
     z1, z2 = z1.float(), z2.float()
     loss = nt_xent(z1, z2, temperature)
     # Backward whatever the loss: testing it here would make the host wait for the device. A non-finite
-    # loss leaves non-finite gradients, which the caller must not apply (train checks before its step).
+    # loss leaves non-finite weights after the optimiser's step; train reads each loss a step later and
+    # stops with an error before it saves anything, so no checkpoint holds them.
     loss.backward()
     if dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
@@ -296,14 +297,14 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         EagerStep(model, opt, params.temperature, bf16)
 
     def finish(record: tuple) -> None:
-        """Reads a launched step's loss back (the one host synchronisation per step, a step late) and logs it."""
-        at, epoch, lr, (loss_t, std_t) = record
-        loss = loss_t.item()
+        """Reads a launched step's loss back (the one wait per step, a step late: for that step, not the one
+        queued after it) and logs it."""
+        at, epoch, lr, readback = record
+        loss, std = readback.values()
         if not math.isfinite(loss):
             good = last if os.path.exists(last) else "none yet"
             raise GigasslError(f"loss became {loss} at step {at} (epoch {epoch}); last good checkpoint: {good}; "
                                "try a lower --lr")
-        std = std_t.item()
         ema = stats["collapse_ema"]
         stats["collapse_ema"] = ema = std if ema is None else 0.99 * ema + 0.01 * std
         now = time.perf_counter()

@@ -1,12 +1,12 @@
 """Running training steps (two forwards, NT-Xent, backward, the optimiser's step): eagerly, or replayed
 from CUDA graphs captured once per shape bucket (``train --cuda-graphs``).
 
-A step's inputs come from ``step_inputs.prepare_step`` with every index already on the device, and the
-step reads nothing back; its loss and collapse statistic stay on the device until the loop reads them,
-one step later. A graph is captured the first time a bucket (``StepInputs.key``) is met: a few warm-up
-steps on a side stream compile the kernels and create the optimiser's state, the model and optimiser
-are then put back as they were, and the captured step is replayed from then on with the new inputs
-copied into its own. Keys beyond ``max_graphs`` run eagerly.
+A step's inputs come from ``step_inputs.prepare_step`` with every index already on the device, and the step
+reads nothing back; its loss and collapse statistic are copied to pinned host memory behind it (``Readback``),
+and the loop reads them one step later, waiting for that step alone. A graph is captured the first time a
+bucket (``StepInputs.key``) is met: a few warm-up steps on a side stream compile the kernels and create the
+optimiser's state, the model and optimiser are then put back as they were, and the captured step is replayed
+from then on with the new inputs copied into its own. Keys beyond ``max_graphs`` run eagerly.
 """
 
 from __future__ import annotations
@@ -26,6 +26,27 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(z.float(), dim=1).std(dim=0).mean() * z.shape[1] ** 0.5
 
 
+class Readback:
+    """Device scalars copied to the host behind the work that makes them: on a GPU into pinned memory with
+    an event, so that ``values()`` waits for this copy only, not for steps queued after it."""
+
+    def __init__(self, *scalars: torch.Tensor) -> None:
+        t = torch.stack([x.detach().float().reshape(()) for x in scalars])
+        self.event = None
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t
+
+    def values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 def make_optimizer(model: torch.nn.Module, weight_decay: float, graphs: bool) -> torch.optim.Adam:
     """Adam; for CUDA graphs its state and learning rate live on the device (``capturable``)."""
     opt = torch.optim.Adam(model.parameters(), lr=0.0, weight_decay=weight_decay)
@@ -37,17 +58,19 @@ def prepare_optimizer(opt: torch.optim.Adam, graphs: bool) -> torch.optim.Adam:
     the flags of the run that saved it)."""
     for group in opt.param_groups:
         group["capturable"] = graphs
+        dev = group["params"][0].device
         if graphs:
-            dev = group["params"][0].device
             lr = group["lr"]
             group["lr"] = lr if isinstance(lr, torch.Tensor) and lr.device == dev else \
                 torch.tensor(float(lr), dtype=torch.float32, device=dev)
-            for p in group["params"]:
-                state = opt.state.get(p, {})
-                if "step" in state:
-                    state["step"] = state["step"].to(dev, torch.float32)
         elif isinstance(group["lr"], torch.Tensor):
             group["lr"] = float(group["lr"])
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            if "step" in state:  # on the device when capturable; on the host otherwise (Adam reads it there)
+                state["step"] = state["step"].detach().to(dev if graphs else "cpu", torch.float32)
+    # A graphed run's warm-up steps, and the steps of buckets beyond max_graphs, run uncaptured on purpose.
+    opt._warned_capturable_if_run_uncaptured = graphs
     return opt
 
 
@@ -60,12 +83,16 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 class EagerStep:
-    """One step run op by op; returns (loss, collapse statistic), both on the device."""
+    """One step run op by op."""
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, temperature: float, bf16: bool) -> None:
         self.model, self.opt, self.temperature, self.bf16 = model, opt, temperature, bf16
 
-    def __call__(self, inputs: StepInputs, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, inputs: StepInputs, lr: float) -> Readback:
+        """Queues the step; the returned loss and collapse statistic are read with ``.values()``."""
+        return Readback(*self.run(inputs, lr))
+
+    def run(self, inputs: StepInputs, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         from .train import contrastive_step
 
         set_lr(self.opt, lr)
@@ -99,18 +126,17 @@ class GraphedStep(EagerStep):
         self.graphs: dict[tuple, _Captured] = {}
         self.eager_steps = 0
 
-    def __call__(self, inputs: StepInputs, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, inputs: StepInputs, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         set_lr(self.opt, lr)
         entry = self.graphs.get(inputs.key)
         if entry is None and len(self.graphs) < self.max_graphs:
             entry = self.graphs[inputs.key] = self._capture(inputs)
         if entry is None:
             self.eager_steps += 1
-            return super().__call__(inputs, lr)
+            return super().run(inputs, lr)
         torch._foreach_copy_(entry.index, inputs.tensors())
         entry.graph.replay()
-        # copies, so that the next replay does not overwrite what the loop has not read yet
-        return entry.loss.clone(), entry.std.clone()
+        return entry.loss, entry.std  # read (Readback copies them) before the next replay overwrites them
 
     def _state(self) -> list[torch.Tensor]:
         tensors = [*self.model.parameters(), *self.model.buffers()]
@@ -137,9 +163,16 @@ class GraphedStep(EagerStep):
                 t.copy_(saved) if saved is not None else t.zero_()  # state born in the warm-up: fresh
         graph = torch.cuda.CUDAGraph()
         self.opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            loss, z1 = contrastive_step(self.model, *inputs.views, self.temperature, self.bf16)
-            self.opt.step()
-            std = collapse_std(z1)
+        # One memory pool for every bucket's graph: they replay one at a time, on one stream.
+        pool = next(iter(self.graphs.values())).graph.pool() if self.graphs else None
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                loss, z1 = contrastive_step(self.model, *inputs.views, self.temperature, self.bf16)
+                self.opt.step()
+                std = collapse_std(z1)
+        except RuntimeError as err:  # an operation that cannot be captured, or out of memory
+            msg = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise GigasslError(f"CUDA graph capture failed for the step shapes {inputs.key}: {msg}; "
+                               "train without --cuda-graphs") from None
         # The captured step read `inputs`' tensors: they are its static inputs from now on.
         return _Captured(graph, inputs.tensors(), loss, std)

@@ -115,7 +115,10 @@ def view_features(aug_features: torch.Tensor, rows: torch.Tensor, device: torch.
     if fused and same and flat is not None:
         return StoreRows(flat, rows.to(aug_features.device, non_blocking=True))
     table = flat if flat is not None else aug_features.reshape(-1, aug_features.shape[-1])
-    return table[rows.to(table.device)].to(device, non_blocking=True).float()
+    picked = table[rows.to(table.device)]
+    if picked.device.type == "cpu" and want.type == "cuda":
+        picked = picked.pin_memory()  # so that the copy does not make the host wait
+    return picked.to(device, non_blocking=True).float()
 
 
 def view_pair(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: torch.Tensor, k: int,

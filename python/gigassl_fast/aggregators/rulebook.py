@@ -1,7 +1,10 @@
 """Sparse-grid bookkeeping for the sparse ResNet18-layer4, with SparseConvNet's exact semantics
 (spec §4.2, fixtures README): tile coordinates to grid cells, the batch-wide spatial size, active sites
-and the (input, output, tap) pairs of strided and submanifold 3x3 convolutions. Pure torch tensor ops,
-on whatever device the coordinates are.
+and the (input, output, tap) pairs of strided and submanifold 3x3 convolutions. Pure torch tensor ops.
+
+This is the definition. The forward itself runs on a plan made on the host in one C++ call
+(sparse_plan.py, which tests/test_sparse_plan.py checks against these functions); ``grid_cells`` is
+shared, and ``build_rules`` serves traces and checks.
 """
 
 from __future__ import annotations
@@ -134,24 +137,14 @@ def view_spatial_size(cells: torch.Tensor) -> torch.Tensor:
 
 
 def build_rules(cells: torch.Tensor, spatial: torch.Tensor | None = None, per_view: bool = False) -> Rules:
-    """Rules for int64 cells (B, k, 2): in C++ (gigassl_fast._core) for CPU tensors, with the tensor
-    ops above on GPUs. `spatial` overrides the batch's spatial size (distributed training); `per_view`
-    gives every view its own spatial size, as if each ran alone (inference)."""
+    """Rules for int64 cells (B, k, 2), by the tensor ops above, wherever the cells are. `spatial` overrides
+    the batch's spatial size (distributed training); `per_view` gives every view its own spatial size, as
+    if each ran alone (inference)."""
     if per_view:
         size = spatial_size(cells)
         inp, tile_site = input_sites(cells, size)
         out, src, dst, tap = strided_rules(inp, view_spatial_size(cells))
         return Rules(size, inp, tile_site, out, (src, dst, tap), submanifold_rules(out))
-    if cells.device.type == "cpu" and spatial is None:
-        from .. import _core
-
-        r = _core.sparse_rules(cells.contiguous().numpy())
-        t = {k: torch.from_numpy(v) for k, v in r.items() if not isinstance(v, tuple)}
-        size = t["size"]
-        return Rules(size, SiteSet(t["in_sites"], t["in_keys"], size), t["tile_site"],
-                     SiteSet(t["out_sites"], t["out_keys"], (size - 3) // 2 + 1),
-                     tuple(torch.from_numpy(a) for a in r["strided"]),
-                     tuple(torch.from_numpy(a) for a in r["submanifold"]))
     size = spatial_size(cells) if spatial is None else spatial
     inp, tile_site = input_sites(cells, size)
     out, src, dst, tap = strided_rules(inp)

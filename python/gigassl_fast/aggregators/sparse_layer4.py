@@ -24,7 +24,6 @@ from torch import nn
 
 from ..distributed import batch_norm_rows
 from ..kernels.sparse_bag import csr_sum, gather_gemm, tap_gemm
-from ..runtime import to_device_packed
 from ..views import StoreRows, tile_features
 from . import rulebook as rb
 from .registry import Aggregator, register_aggregator
@@ -94,6 +93,7 @@ class SparseConvMIL(Aggregator):
         self.block1 = _Block(OUT_DIM, OUT_DIM, downsample=False)
         self.exact_cells = exact_cells
         self.sync_spatial_size = False
+        self._host_group = None  # the default process group
 
     @classmethod
     def build(cls, in_dim: int, resnet18_state: dict | None = None) -> SparseConvMIL:
@@ -106,8 +106,11 @@ class SparseConvMIL(Aggregator):
         return cls.from_resnet18(resnet18_state) if resnet18_state else cls()
 
     def configure_distributed(self) -> None:
-        """The spatial size over every process's batch (``sync_spatial_size``)."""
+        """The spatial size over every process's batch (``sync_spatial_size``), agreed on the host (a gloo
+        group beside NCCL). Called by every process, as it makes a process group."""
         self.sync_spatial_size = True
+        dist = torch.distributed
+        self._host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     # -- weights ---------------------------------------------------------------------------------
     @classmethod
@@ -152,12 +155,9 @@ class SparseConvMIL(Aggregator):
         cells = rb.grid_cells(locations.detach().cpu(), exact=self.exact_cells)
         size = None
         if self.sync_spatial_size and torch.distributed.is_initialized() and not per_view:
+            # host tensors over gloo: an NCCL all-reduce would queue behind the step the device is running
             size = rb.spatial_size(cells)
-            on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
-                else torch.device("cpu")
-            size = size.to(on)
-            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
-            size = size.cpu()
+            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX, group=self._host_group)
         return plan_cells(cells, per_view=per_view, size=size, pad=pad)
 
     def forward(self, features: torch.Tensor | StoreRows, locations: torch.Tensor | SparsePlan,
@@ -169,16 +169,18 @@ class SparseConvMIL(Aggregator):
         at a time would (the reference's inference) while running as one batch. `trace`, if a dict,
         receives the intermediate sparse tensors (tensor features and locations only)."""
         if isinstance(locations, SparsePlan):
+            if per_view or trace is not None:
+                raise ValueError("per_view and trace go with locations; a plan is made per_view or not (plan())")
             plan = locations
         else:
-            plan = self.plan(locations, per_view=per_view, pad=features.device.type == "cuda")
-            plan = plan.with_index(to_device_packed(plan.index, features.device))
+            plan = self.plan(locations, per_view=per_view, pad=features.device.type == "cuda").to(features.device)
         x = tile_features(features)
         c1, x2, out = self._planned(x.table, x.rows.reshape(-1), plan)
         if trace is not None and not isinstance(features, StoreRows):
             n, cells = plan.n_sites, rb.grid_cells(locations.cpu(), exact=self.exact_cells)
             trace.update(cells=cells, spatial_size=plan.size, conv1_sites=torch.from_numpy(plan.out_sites),
-                         conv1_out=c1[:n], block1_out=x2[:n], **self._first_layer_inputs(features, cells, plan))
+                         conv1_out=c1[:n], block1_out=x2[:n],
+                         **self._first_layer_inputs(features, cells, plan, per_view))
         return out
 
     def _planned(self, table: torch.Tensor, rows: torch.Tensor, plan: SparsePlan
@@ -223,10 +225,11 @@ class SparseConvMIL(Aggregator):
         sums = csr_sum(x2, sites, view_ptr, view, plan.n_views, plan.view_max)
         return c1, x2, sums / (view_ptr[1:] - view_ptr[:-1]).clamp(min=1).to(sums.dtype)[:, None]
 
-    def _first_layer_inputs(self, features: torch.Tensor, cells: torch.Tensor, plan: SparsePlan) -> dict:
+    def _first_layer_inputs(self, features: torch.Tensor, cells: torch.Tensor, plan: SparsePlan,
+                            per_view: bool) -> dict:
         """For traces: the input sites, their features (mean of their tiles) and the 3x3 average pool that
         the planned forward folds into its tile-level first layer; from the rulebook, as SparseConvNet."""
-        rules = rb.build_rules(cells.cpu(), plan.size)
+        rules = rb.build_rules(cells.cpu(), plan.size, per_view=per_view)
         x0 = features.reshape(-1, features.shape[-1]).cpu().float()
         n0 = len(rules.inp.keys)
         per_site = torch.bincount(rules.tile_site, minlength=n0).to(x0.dtype)[:, None]

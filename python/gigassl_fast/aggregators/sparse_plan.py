@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from ..kernels.sparse_bag import GROUP
-from . import rulebook as rb
 
-#: Index tensors of a plan (int64), all moved to the device together.
-INDEX_FIELDS = ("first_tile", "first_dst", "first_count", "first_block_tap", "first_perm", "first_ptr", "first_seg",
-                "sub_src", "sub_dst", "sub_block_tap", "sub_perm", "sub_ptr", "sub_seg", "view_ptr")
+#: Index tensors of a plan (int64) that the device reads, all moved there together.
+INDEX_FIELDS = ("first_tile", "first_count", "first_block_tap", "first_perm", "first_ptr", "first_seg",
+                "sub_src", "sub_block_tap", "sub_perm", "sub_ptr", "sub_seg", "view_ptr")
+#: Per pair group: the fields padded with zeros, and the permutation (padding entries point at themselves).
+_PAIR_FIELDS = {"first": ("first_tile", "first_count", "first_seg"), "sub": ("sub_src", "sub_seg")}
 
 
 def _pow2(n: int) -> int:
@@ -58,6 +59,34 @@ class SparsePlan:
     def with_index(self, index: dict[str, torch.Tensor]) -> SparsePlan:
         return replace(self, index=index)
 
+    def to(self, device: torch.device) -> SparsePlan:
+        """The plan with its indices on `device`, in one copy."""
+        from ..runtime import to_device_packed
+
+        return self.with_index(to_device_packed(self.index, torch.device(device)))
+
+    def grown(self, n_sites_pad: int, first_len: int, sub_len: int) -> SparsePlan:
+        """The same plan padded further (host indices): more padding rows and padding pairs."""
+        ix = dict(self.index)
+        for group, length in (("first", first_len), ("sub", sub_len)):
+            extra = length - len(ix[f"{group}_perm"])
+            for name in _PAIR_FIELDS[group]:
+                ix[name] = torch.cat([ix[name], ix[name].new_zeros(extra)])
+            ix[f"{group}_perm"] = torch.cat([ix[f"{group}_perm"], torch.arange(length - extra, length)])
+            ix[f"{group}_block_tap"] = torch.cat([ix[f"{group}_block_tap"], ix[name].new_zeros(extra // GROUP)])
+            ptr = ix[f"{group}_ptr"]
+            ix[f"{group}_ptr"] = torch.cat([ptr, ptr[-1:].expand(n_sites_pad - self.n_sites_pad)])
+        return replace(self, index=ix, n_sites_pad=n_sites_pad)
+
+
+def pad_alike(plans: list[SparsePlan]) -> list[SparsePlan]:
+    """Padded plans grown to one shape (the largest of each size): the two views of a step then share one
+    bucket, and a step's key is one shape rather than a pair of them."""
+    n = max(p.n_sites_pad for p in plans)
+    first = max(len(p.index["first_perm"]) for p in plans)
+    sub = max(len(p.index["sub_perm"]) for p in plans)
+    return [p.grown(n, first, sub) for p in plans]
+
 
 def plan_cells(cells: torch.Tensor, per_view: bool = False, size: torch.Tensor | None = None,
                pad: bool = False) -> SparsePlan:
@@ -69,18 +98,21 @@ def plan_cells(cells: torch.Tensor, per_view: bool = False, size: torch.Tensor |
     cells_np = np.ascontiguousarray(cells.detach().cpu().numpy(), dtype=np.int64)
     r = _core.sparse_plan(cells_np, per_view=per_view, size=None if size is None else np.asarray(size, np.int64),
                           pad=pad, granule=GROUP)
-    view_ptr = r["view_ptr"]
-    view_max = int(np.diff(view_ptr).max()) if len(view_ptr) > 1 else 1
+    b, k = cells_np.shape[:2]
+    if pad:
+        # Loop bounds of the sums from k alone, not from the data, so that they do not split buckets: an
+        # output site takes at most one pair from each tile of its view (k), a submanifold output at
+        # most 9 pairs, and a view has at most 4 output sites per tile.
+        first_max, sub_max, view_max = _pow2(k), 16, _pow2(4 * k)
+        if r["first_max"] > first_max or r["sub_max"] > sub_max:
+            raise RuntimeError(f"internal: sparse plan bounds exceeded ({r['first_max']} > {first_max} or "
+                               f"{r['sub_max']} > {sub_max})")
+    else:
+        first_max, sub_max = int(r["first_max"]), int(r["sub_max"])
+        view_max = max(int(np.diff(r["view_ptr"]).max()), 1)
     return SparsePlan(
         index={name: torch.from_numpy(r[name]) for name in INDEX_FIELDS},
-        n_views=cells_np.shape[0], n_tiles=int(r["n_tiles"]), n_sites=int(r["n_sites"]),
-        n_sites_pad=int(r["n_sites_pad"]), first_bounds=tuple(int(b) for b in r["first_tap_bounds"]),
-        sub_bounds=tuple(int(b) for b in r["sub_tap_bounds"]), first_max=int(r["first_max"]),
-        sub_max=int(r["sub_max"]), view_max=_pow2(max(view_max, 1)) if pad else max(view_max, 1), padded=pad,
-        size=torch.from_numpy(r["size"]), out_sites=r["out_sites"])
-
-
-def plan_locations(locations: torch.Tensor, exact: bool = False, per_view: bool = False,
-                   size: torch.Tensor | None = None, pad: bool = False) -> SparsePlan:
-    """The plan for level-0 locations (B, k, 2): grid cells as rulebook.grid_cells, on the host."""
-    return plan_cells(rb.grid_cells(locations.detach().cpu(), exact=exact), per_view=per_view, size=size, pad=pad)
+        n_views=b, n_tiles=int(r["n_tiles"]), n_sites=int(r["n_sites"]), n_sites_pad=int(r["n_sites_pad"]),
+        first_bounds=tuple(int(x) for x in r["first_tap_bounds"]), sub_bounds=tuple(int(x) for x in r["sub_tap_bounds"]),
+        first_max=first_max, sub_max=sub_max, view_max=view_max, padded=pad, size=torch.from_numpy(r["size"]),
+        out_sites=r["out_sites"])
