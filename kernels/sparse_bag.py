@@ -193,7 +193,7 @@ class _TapGemm(torch.autograd.Function):
             partial = torch.bmm(a.transpose(1, 2), g.view(blocks, GROUP, g.shape[1]))  # (blocks, K, N)
             # summed per tap by a product with the one-hot tap of each block: a fixed order (index_add_
             # would add with atomics, and the gradient would vary from run to run)
-            onehot = torch.nn.functional.one_hot(block_tap, w.shape[0]).to(torch.float32)
+            onehot = (block_tap[:, None] == torch.arange(w.shape[0], device=w.device)).to(torch.float32)
             gw = (onehot.T @ partial.view(blocks, -1)).view(w.shape).to(w.dtype)
         return gx, None, gw, None
 

@@ -191,7 +191,8 @@ def contrastive_step(model: torch.nn.Module, view1: tuple[torch.Tensor, torch.Te
     over ranks gives the full gradient, as one process with the whole batch would.
     """
     device_type = view1[0].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+    # cache_enabled=False: autocast's cache of cast weights must not outlive a captured step (CUDA graphs)
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
         z1 = model(*view1)
         z2 = model(*view2)
     # The loss in float32: at temperature 0.05 bf16 logits would lose the small similarity differences.
