@@ -13,6 +13,34 @@ STRIP_TIFF = os.path.join(SAMPLE_DIR, "kidney-48-5.tif")
 NDPI = os.path.join(SAMPLE_DIR, "fluorescence_dapi.ndpi")
 FIXTURE = os.path.abspath(os.path.join(ROOT, "..", "shared", "fixtures", "scn_layer4.npz"))
 
+
+def _import_triton_for_the_interpreter() -> None:
+    """Without a GPU, Triton is imported once here in interpreter mode, before any test imports it.
+
+    Triton fixes its mode when first imported, and other code imports it as a side effect (torch's Adam
+    does, through torch._dynamo, on its first step): a test that ran an optimiser step before
+    tests/test_kernels.py left Triton unable to interpret kernels there ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"). The variable is restored at once, so that everything else runs
+    the torch twins as a user's CPU would."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # the kernel tests say so (require_module)
+        pass
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_triton_for_the_interpreter()
+
 # CI sets this: a test that would skip for missing data or a missing Triton fails instead, naming what it
 # looked for, so that a run without ../shared cannot pass green by skipping. Locally, skips stay skips.
 STRICT = os.environ.get("GIGASSL_TEST_STRICT") == "1"
