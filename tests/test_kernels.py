@@ -185,7 +185,8 @@ def test_whole_aggregator_kernel_path_matches_twin_path(name, pad):
         grads = torch.autograd.grad((out * r).sum(), list(agg.parameters()))
         return out, torch.cat([t.flatten() for t in grads])
 
-    with exact_dots():
+    # padded, as on a GPU: the kernel path also reads nothing back (the step test covers the twins)
+    with exact_dots(), NoHostSync() if pad else contextlib.nullcontext():
         out_k, grad_k = run()
     with twins_only():
         out_t, grad_t = run()
@@ -240,12 +241,14 @@ class NoHostSync(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("path", ["kernels", "twins"])
-@pytest.mark.parametrize("name", list_aggregators())
+@pytest.mark.parametrize("name,path", [(n, p) for n in list_aggregators() for p in ("kernels", "twins")
+                                       if (n, p) != ("sparse-layer4", "kernels")])
 def test_training_step_reads_nothing_back_from_the_device(name, path):
     """A training step (two forwards, NT-Xent, backward) makes no host synchronisation once its inputs are
     prepared (``prepare_step``: store rows and, for sparse-layer4, the host plan padded to buckets as on
-    a GPU), on the kernel path (interpreted here) and the twin path, for every aggregator."""
+    a GPU), on the kernel path (interpreted here) and the twin path, for every aggregator. (sparse-layer4's
+    padded kernel path, forward and backward, is checked under the same mode, and against its twins, in
+    test_whole_aggregator_kernel_path_matches_twin_path: 15 s less of interpreted kernels.)"""
     from gigassl_fast.kernels.availability import twins_only
 
     from gigassl_fast.aggregators import build_aggregator

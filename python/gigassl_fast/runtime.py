@@ -120,6 +120,9 @@ def to_device_packed(tensors: dict[str, torch.Tensor], device: torch.device) -> 
     Many small index tensors cost one transfer instead of one each."""
     import torch
 
+    wrong = [name for name, t in tensors.items() if t.dtype != torch.int64]
+    if wrong:
+        raise TypeError(f"to_device_packed packs int64 tensors only; {', '.join(wrong)} are not")
     if device.type == "cpu":
         return dict(tensors)
     flat = torch.empty(sum(t.numel() for t in tensors.values()), dtype=torch.int64, pin_memory=True)
