@@ -158,7 +158,8 @@ def test_abmil_uses_the_kernels_and_matches_plain_torch():
     assert _rel(out, (a * h).sum(dim=1)) < 1e-3  # tf32 dot in the kernel
 
 
-@pytest.mark.parametrize("name,pad", [(n, False) for n in list_aggregators()] + [("sparse-layer4", True)])
+# sparse-layer4 padded only: a GPU always pads its plans; exact plans are the CPU's, which runs the twins
+@pytest.mark.parametrize("name,pad", [(n, n == "sparse-layer4") for n in list_aggregators()])
 def test_whole_aggregator_kernel_path_matches_twin_path(name, pad):
     """Each aggregator's kernel path (views read in place from the store) against its twin path, outputs
     and the gradients of every parameter, compared as one vector (biases just before a batch norm have a
