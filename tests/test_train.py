@@ -218,3 +218,29 @@ def test_cuda_graphs_need_a_gpu(store, tmp_path):
     r = cli("train", store / "store.h5", "--out", tmp_path / "g", "--batch-size", 4, "--epochs", 1, "--cuda-graphs",
             "--device", "cpu")
     assert r.returncode == 2 and "--cuda-graphs needs a CUDA device" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_log_rates_and_a_diverging_run(store, tmp_path):
+    """Each log line's views/s is its own step's (not the gap between two reads a step late, near zero or
+    a checkpoint's save); a run whose lr blows it up stops with one line naming the first bad step of
+    the log, and no checkpoint with non-finite statistics is left as the last good one."""
+    r = cli("train", store / "store.h5", "--out", tmp_path / "ok", "--batch-size", 4, "--epochs", 2,
+            "--warmup-epochs", 1, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rates = [json.loads(line)["views_per_s"] for line in (tmp_path / "ok" / "log.jsonl").read_text().splitlines()]
+    assert len(rates) >= 2 and max(rates) < 20 * min(rates)
+    r = cli("train", store / "store.h5", "--out", tmp_path / "nan", "--batch-size", 4, "--epochs", 4,
+            "--warmup-epochs", 0, "--lr", "1e30", "--device", "cpu")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    logged = [json.loads(line) for line in (tmp_path / "nan" / "log.jsonl").read_text().splitlines()]
+    if "loss became" in r.stderr:  # the step it names is the first one the log does not hold as finite
+        bad = int(r.stderr.split("at step ")[1].split()[0])
+        assert all(math.isfinite(rec["loss"]) for rec in logged if rec["step"] < bad)
+        assert not any(rec["step"] == bad and math.isfinite(rec["loss"]) for rec in logged)
+    else:
+        assert "non-finite weights or statistics" in r.stderr
+    last = tmp_path / "nan" / "checkpoint_last.pt"
+    if last.exists():
+        sd = torch.load(last, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())

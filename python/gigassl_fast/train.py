@@ -16,7 +16,6 @@ import errno
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -291,7 +290,9 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         with atomic_file(os.path.join(out_dir, "config.json")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2)
     steps_per_epoch = store.n_slides // global_batch
-    stats = {"collapse_ema": None, "collapse": 0.0, "last_loss": float("nan"), "lr": 0.0, "t": time.perf_counter()}
+    stats = {"collapse_ema": None, "collapse": 0.0, "last_loss": float("nan"), "lr": 0.0}
+    if resume:  # the log's moving average and last loss go on as if the run had not stopped
+        stats.update(collapse_ema=ckpt.get("collapse_ema"), last_loss=ckpt.get("last_loss", float("nan")))
     model.train()
     pad = device.type == "cuda"  # static shapes where launches cost: the steps of a bucket look alike
     run_step = GraphedStep(model, opt, params.temperature, bf16) if params.cuda_graphs else \
@@ -304,18 +305,17 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         loss, std = readback.values()
         if not math.isfinite(loss):
             good = last if os.path.exists(last) else "none yet"
-            raise GigasslError(f"loss became {loss} at step {at} (epoch {epoch}); last good checkpoint: {good}; "
+            raise GigasslError(f"loss became {loss} at step {at + 1} (epoch {epoch}); last good checkpoint: {good}; "
                                "try a lower --lr")
         ema = stats["collapse_ema"]
         stats["collapse_ema"] = ema = std if ema is None else 0.99 * ema + 0.01 * std
-        now = time.perf_counter()
-        rate, stats["t"] = 2 * global_batch / max(now - stats["t"], 1e-9), now
+        rate = 2 * global_batch / max(readback.seconds, 1e-9)  # this step's own time
         stats.update(last_loss=loss, lr=lr, collapse=max(0.0, 1 - ema))
         if rank == 0:
             _append_log(log_path, {"epoch": epoch, "step": at + 1, "loss": loss, "lr": lr, "views_per_s": rate,
                                    "collapse": stats["collapse"]})
 
-    last_loss = float("nan")
+    last_loss = stats["last_loss"]
     end_epoch = min(params.epochs, params.stop_at_epoch or params.epochs)
     for epoch in range(start_epoch, end_epoch):
         perm = torch.randperm(store.n_slides, generator=order_gen)
@@ -344,8 +344,14 @@ def train(store_path: str, out_dir: str, params: TrainParams, resume: bool = Fal
         if world > 1:
             rng = [None] * world
             dist.all_gather_object(rng, gen.get_state())
+        bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # e.g. batch-norm running variances overflowed while the loss stayed finite
+            good = last if os.path.exists(last) else "none yet"
+            raise GigasslError(f"non-finite weights or statistics after epoch {epoch + 1} ({', '.join(bad[:3])}"
+                               f"{' ...' if len(bad) > 3 else ''}); last good checkpoint: {good}; try a lower --lr")
         if rank == 0:
-            state = {"epoch": epoch + 1, "step": step, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+            state = {"epoch": epoch + 1, "collapse_ema": stats["collapse_ema"], "last_loss": last_loss,
+                     "step": step, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
                      "rng": rng, "order_rng": order_gen.get_state(), "params": asdict(params), "in_dim": store.dim,
                      "store": os.path.abspath(store_path), "store_slides": store.n_slides,
                      "compute_precision": precision,

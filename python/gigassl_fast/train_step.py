@@ -11,6 +11,7 @@ from then on with the new inputs copied into its own. Keys beyond ``max_graphs``
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,25 +27,46 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(z.float(), dim=1).std(dim=0).mean() * z.shape[1] ** 0.5
 
 
-class Readback:
-    """Device scalars copied to the host behind the work that makes them: on a GPU into pinned memory with
-    an event, so that ``values()`` waits for this copy only, not for steps queued after it."""
+class StepClock:
+    """When a step started: a CUDA event on a GPU (its time on the device, whatever the host does
+    meanwhile), the host clock otherwise."""
 
-    def __init__(self, *scalars: torch.Tensor) -> None:
+    def __init__(self, cuda: bool) -> None:
+        self.event = torch.cuda.Event(enable_timing=True) if cuda else None
+        if self.event is not None:
+            self.event.record()
+        self.t0 = time.perf_counter()
+
+
+class Readback:
+    """A step's scalars copied to the host behind the work that makes them: on a GPU into pinned memory
+    with an event, so that ``values()`` waits for this copy only, not for steps queued after it; and the
+    step's own duration (``seconds``, from its `clock`)."""
+
+    def __init__(self, *scalars: torch.Tensor, clock: StepClock | None = None) -> None:
         t = torch.stack([x.detach().float().reshape(()) for x in scalars])
-        self.event = None
+        self.event, self.clock = None, clock
         if t.is_cuda:
             self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             self.host.copy_(t, non_blocking=True)
-            self.event = torch.cuda.Event()
+            self.event = torch.cuda.Event(enable_timing=clock is not None and clock.event is not None)
             self.event.record()
         else:
             self.host = t
+        self._seconds = None if clock is None else time.perf_counter() - clock.t0
 
     def values(self) -> list[float]:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
+
+    @property
+    def seconds(self) -> float | None:
+        """The step's duration: on a GPU between its events (after ``values()``), else on the host clock."""
+        if self.clock is not None and self.clock.event is not None and self.event is not None:
+            self.event.synchronize()
+            return self.clock.event.elapsed_time(self.event) / 1e3
+        return self._seconds
 
 
 def make_optimizer(model: torch.nn.Module, weight_decay: float, graphs: bool) -> torch.optim.Adam:
@@ -90,7 +112,8 @@ class EagerStep:
 
     def __call__(self, inputs: StepInputs, lr: float) -> Readback:
         """Queues the step; the returned loss and collapse statistic are read with ``.values()``."""
-        return Readback(*self.run(inputs, lr))
+        clock = StepClock(inputs.views[0][0].device.type == "cuda")
+        return Readback(*self.run(inputs, lr), clock=clock)
 
     def run(self, inputs: StepInputs, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         from .train import contrastive_step

@@ -96,8 +96,17 @@ def plan_cells(cells: torch.Tensor, per_view: bool = False, size: torch.Tensor |
     from .. import _core
 
     cells_np = np.ascontiguousarray(cells.detach().cpu().numpy(), dtype=np.int64)
-    r = _core.sparse_plan(cells_np, per_view=per_view, size=None if size is None else np.asarray(size, np.int64),
-                          pad=pad, granule=GROUP)
+    try:
+        r = _core.sparse_plan(cells_np, per_view=per_view, size=None if size is None else np.asarray(size, np.int64),
+                              pad=pad, granule=GROUP)
+    except ValueError as err:
+        if "overflow" not in str(err):
+            raise
+        from ..errors import GigasslError
+
+        raise GigasslError(f"sparse-layer4: the tiles of a view span {int(cells_np.max()) + 1} grid cells of 224 px "
+                           f"(B = {cells_np.shape[0]} views), more than its int64 grid keys hold; check the store's "
+                           "level-0 coordinates") from None
     b, k = cells_np.shape[:2]
     if pad:
         # Loop bounds of the sums from k alone, not from the data, so that they do not split buckets: an
