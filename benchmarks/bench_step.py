@@ -18,8 +18,8 @@ import argparse
 import dataclasses
 import time
 
-import numpy as np
 import torch
+from gigassl_fast.benchmarks import bench_train
 from gigassl_fast.benchmarks.common import bench_device, machine, time_runs, write_json
 
 from gigassl_fast.aggregators import list_aggregators
@@ -43,11 +43,9 @@ class Settings:
     slides: int = 512  # in the synthetic store (10 augmentations x 256 tiles each)
 
 
-def synthetic_store(slides: int = 512, naug: int = 10, nt: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(seed)
-    feats = rng.gamma(1.0, 0.5, size=(slides, naug, nt, 256)).astype(np.float16)
-    origin = rng.integers(0, 100, size=(slides, 1, 1, 2)) * 896
-    coords = origin + rng.integers(0, 60, size=(slides, naug, nt, 2)) * 896
+def synthetic_store(slides: int = 512, naug: int = 10, nt: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """bench_train's synthetic store, as tensors."""
+    feats, coords = bench_train.synthetic_store(slides, naug, nt)
     return torch.from_numpy(feats), torch.from_numpy(coords)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .aggregators.sparse_plan import SparsePlan, pad_alike
 from .runtime import to_device_packed
-from .views import StoreRows, draw_views, view_features
+from .views import StoreRows, draw_views, reads_in_place, view_features
 
 View = tuple[torch.Tensor | StoreRows, torch.Tensor | SparsePlan | None]
 
@@ -50,7 +50,7 @@ def prepare_step(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: t
     tensors (S, Naug, Nt, D) on any device and (S, Naug, Nt, 2) on the host, with the aggregator's plan
     of their locations when it makes one (``plan``); `pad` pads plans to static buckets."""
     device = torch.device(device)
-    in_place = aug_features.device.type == device.type and device.index in (None, aug_features.device.index)
+    in_place = reads_in_place(aug_features, device)
     host: dict[str, torch.Tensor] = {}
     parts, copied = [], []
     for v in range(2):

@@ -105,18 +105,23 @@ def sample_views(aug_features: torch.Tensor, aug_coords: torch.Tensor, slides: t
     return view_features(aug_features, rows, device, fused), locs.to(device, non_blocking=True)
 
 
+def reads_in_place(aug_features: torch.Tensor, device: torch.device) -> bool:
+    """Whether views of the store (S, Naug, Nt, D) are read in place (``StoreRows``) by a model on `device`:
+    the store sits there, contiguous."""
+    want = torch.device(device)
+    return aug_features.is_contiguous() and aug_features.device.type == want.type and \
+        want.index in (None, aug_features.device.index)
+
+
 def view_features(aug_features: torch.Tensor, rows: torch.Tensor, device: torch.device,
                   fused: bool = True) -> torch.Tensor | StoreRows:
     """The features of views given by their store rows (B, k): ``StoreRows`` read in place when `fused`
     and the store (S, Naug, Nt, D) sits on `device`, else a float32 (B, k, D) copy on `device`."""
-    flat = aug_features.view(-1, aug_features.shape[-1]) if aug_features.is_contiguous() else None
-    want = torch.device(device)
-    same = aug_features.device.type == want.type and want.index in (None, aug_features.device.index)
-    if fused and same and flat is not None:
-        return StoreRows(flat, rows.to(aug_features.device, non_blocking=True))
-    table = flat if flat is not None else aug_features.reshape(-1, aug_features.shape[-1])
+    table = aug_features.reshape(-1, aug_features.shape[-1])  # a view when contiguous
+    if fused and reads_in_place(aug_features, device):
+        return StoreRows(table, rows.to(aug_features.device, non_blocking=True))
     picked = table[rows.to(table.device)]
-    if picked.device.type == "cpu" and want.type == "cuda":
+    if picked.device.type == "cpu" and torch.device(device).type == "cuda":
         picked = picked.pin_memory()  # so that the copy does not make the host wait
     return picked.to(device, non_blocking=True).float()
 

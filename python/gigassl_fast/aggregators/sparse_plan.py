@@ -73,7 +73,8 @@ class SparsePlan:
             for name in _PAIR_FIELDS[group]:
                 ix[name] = torch.cat([ix[name], ix[name].new_zeros(extra)])
             ix[f"{group}_perm"] = torch.cat([ix[f"{group}_perm"], torch.arange(length - extra, length)])
-            ix[f"{group}_block_tap"] = torch.cat([ix[f"{group}_block_tap"], ix[name].new_zeros(extra // GROUP)])
+            block_tap = ix[f"{group}_block_tap"]
+            ix[f"{group}_block_tap"] = torch.cat([block_tap, block_tap.new_zeros(extra // GROUP)])
             ptr = ix[f"{group}_ptr"]
             ix[f"{group}_ptr"] = torch.cat([ptr, ptr[-1:].expand(n_sites_pad - self.n_sites_pad)])
         return replace(self, index=ix, n_sites_pad=n_sites_pad)
